@@ -1,0 +1,350 @@
+"""Exact per-timestep gradients of fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` calls.
+
+A hook on a fused module's outputs sees only the gradient injected at each step from above;
+the gradient carried back through time exists only inside the kernel. So at forward time we
+keep references to the call's inputs, initial state, weights and outputs and put gradient
+hooks on the outputs (output sequence, ``h_n``, ``c_n``). After backward, the recurrence is
+replayed on detached copies with those gradients injected (:mod:`.recurrences`). The module's
+forward is never replaced, so training is bit-identical with or without a trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from gradwatch.capture.recurrences import LayerWeights, Recurrence, make_recurrence
+from gradwatch.capture.stats import sample_norms, step_mean
+from gradwatch.report import ModuleReport
+
+__all__ = [
+    "FusedCall",
+    "Replay",
+    "check_fused_module",
+    "record_fused_call",
+    "replay",
+    "replay_fused_call",
+]
+
+# Largest relative deviation of the replayed outputs from the real ones for a report to be
+# called exact. Observed deviations in float32 are ~1e-6 (different summation order).
+EXACT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+@dataclass
+class FusedCall:
+    """What one call of a fused recurrent module left for the replay."""
+
+    name: str
+    module_name: str
+    module: nn.RNNBase
+    input: Tensor | PackedSequence
+    hx: Tensor | None
+    cx: Tensor | None
+    output: Tensor | PackedSequence
+    h_n: Tensor
+    c_n: Tensor | None
+    weights: list[Tensor]
+    versions: list[int]
+    dropout_active: bool
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Drop hooks and every saved tensor."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.grads.clear()
+        self.input = self.output = self.h_n = torch.empty(0)
+        self.hx = self.cx = self.c_n = None
+        self.weights = []
+
+
+def check_fused_module(name: str, module: nn.RNNBase) -> None:
+    """Raise ``ValueError`` with the reason if the module cannot be replayed."""
+    if module.mode not in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
+        raise ValueError(f"module {name!r}: unsupported mode {module.mode!r}")
+    for w in module._flat_weights:
+        if w is not None and (not w.is_floating_point() or w.is_complex()):
+            raise ValueError(f"module {name!r}: parameters of dtype {w.dtype} are not supported")
+
+
+def record_fused_call(
+    name: str, module_name: str, module: nn.RNNBase, args: tuple, kwargs: dict, output: Any
+) -> FusedCall | None:
+    """Keep references to one call's tensors; ``None`` if the call cannot get a gradient."""
+    inp = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    out, state = output
+    h_n, c_n = state if isinstance(state, tuple) else (state, None)
+    out_data = out.data if isinstance(out, PackedSequence) else out
+    if not torch.is_grad_enabled() or not out_data.requires_grad:
+        return None
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+    weights = [w.detach() for w in module._flat_weights]
+    return FusedCall(
+        name=name,
+        module_name=module_name,
+        module=module,
+        input=_detach(inp),
+        hx=None if h0 is None else h0.detach(),
+        cx=None if c0 is None else c0.detach(),
+        output=_detach(out),
+        h_n=h_n.detach(),
+        c_n=None if c_n is None else c_n.detach(),
+        weights=weights,
+        versions=[w._version for w in weights],
+        dropout_active=module.training and module.dropout > 0 and module.num_layers > 1,
+    )
+
+
+def output_tensors(call_output: Any) -> dict[str, Tensor]:
+    """The differentiable outputs of a call, by slot name, for gradient hooks."""
+    out, state = call_output
+    h_n, c_n = state if isinstance(state, tuple) else (state, None)
+    slots = {"out": out.data if isinstance(out, PackedSequence) else out, "h_n": h_n}
+    if c_n is not None:
+        slots["c_n"] = c_n
+    return {k: v for k, v in slots.items() if v.requires_grad}
+
+
+def _detach(x: Tensor | PackedSequence) -> Tensor | PackedSequence:
+    if isinstance(x, PackedSequence):
+        return x._replace(data=x.data.detach())
+    return x.detach()
+
+
+# ---------------------------------------------------------------------------------- replay
+@dataclass
+class _Layout:
+    """A call's tensors in the replay layout: time-major, batched, original batch order."""
+
+    x: Tensor  # [T, B, I]
+    out: Tensor  # [T, B, D*P]
+    grad_out: Tensor | None  # [T, B, D*P]
+    lengths: Tensor | None  # [B], None when every sequence has T steps
+    unbatched: bool
+
+
+def _to_layout(call: FusedCall, dtype: torch.dtype) -> _Layout:
+    mod = call.module
+
+    def pad(data: Tensor) -> Tensor:
+        assert isinstance(call.input, PackedSequence)
+        return pad_packed_sequence(call.input._replace(data=data))[0]
+
+    grad_out = call.grads.get("out")
+    if isinstance(call.input, PackedSequence):
+        x, lengths = pad_packed_sequence(call.input)
+        assert isinstance(call.output, PackedSequence)
+        out = pad(call.output.data)
+        grad_out = None if grad_out is None else pad(grad_out)
+        return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
+    x, out = call.input, call.output
+    assert isinstance(x, Tensor) and isinstance(out, Tensor)
+    unbatched = x.dim() == 2
+    if unbatched:
+        x, out = x.unsqueeze(1), out.unsqueeze(1)
+        grad_out = None if grad_out is None else grad_out.unsqueeze(1)
+    elif mod.batch_first:
+        x, out = x.transpose(0, 1), out.transpose(0, 1)
+        grad_out = None if grad_out is None else grad_out.transpose(0, 1)
+    return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), None, unbatched)
+
+
+def _opt(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def _state(x: Tensor | None, unbatched: bool, dtype: torch.dtype) -> Tensor | None:
+    if x is None:
+        return None
+    return (x.unsqueeze(1) if unbatched else x).to(dtype)
+
+
+def _layer_weights(call: FusedCall, dtype: torch.dtype) -> dict[tuple[int, int], LayerWeights]:
+    mod = call.module
+    by_name = dict(zip(mod._flat_weights_names, call.weights, strict=True))
+    result = {}
+    for layer in range(mod.num_layers):
+        for direction in range(2 if mod.bidirectional else 1):
+            sfx = f"_l{layer}" + ("_reverse" if direction else "")
+
+            def get(kind: str, sfx: str = sfx) -> Tensor | None:
+                w = by_name.get(kind + sfx)
+                return None if w is None else w.to(dtype)
+
+            result[layer, direction] = LayerWeights(
+                w_ih=get("weight_ih"),
+                w_hh=get("weight_hh"),
+                b_ih=get("bias_ih"),
+                b_hh=get("bias_hh"),
+                w_hr=get("weight_hr"),
+            )
+    return result
+
+
+def _relative_deviation(replayed: Tensor, real: Tensor) -> float:
+    same = (replayed == real) | (replayed.isnan() & real.isnan())
+    diff = torch.where(same, torch.zeros((), dtype=real.dtype), (replayed - real).abs())
+    scale = real.abs().nan_to_num(0.0, 0.0, 0.0).max() if real.numel() else real.new_zeros(())
+    if not diff.numel():
+        return 0.0
+    return float(diff.max() / scale.clamp_min(torch.finfo(real.dtype).tiny))
+
+
+@dataclass
+class Replay:
+    """Everything the replay of one call produced."""
+
+    recurrences: dict[tuple[int, int], Recurrence]  # (layer, direction) -> trajectory
+    valid: Tensor | None  # [T, B] mask, None when every sequence covers every step
+    lengths: Tensor  # [B]
+    stats: dict[str, Tensor]  # total / carried / direct / cell_total: [L, D, T]
+    grad_input: Tensor | None  # dL/dx of the bottom layer [T, B, I], when asked for
+    fidelity: float
+    dtype: torch.dtype
+
+
+def replay_fused_call(call: FusedCall) -> ModuleReport:
+    """Replay the recurrence of one call and return its per-timestep report."""
+    rep = replay(call)
+    mod = call.module
+    reasons = []
+    if call.dropout_active:
+        reasons.append(
+            f"inter-layer dropout (p={mod.dropout}) in training mode: the kernel's dropout masks "
+            "are not visible, so layers below the top are replayed without dropout"
+        )
+    dtype = rep.dtype
+    if call.h_n.dtype not in EXACT_TOLERANCE:
+        reasons.append(f"the module computed in {call.h_n.dtype} (autocast?); replayed in {dtype}")
+    elif rep.fidelity > EXACT_TOLERANCE[dtype] and not call.dropout_active:
+        reasons.append(
+            f"the replay deviates from the module's real outputs by {rep.fidelity:.1e} "
+            "(relative); does a subclass change the forward computation?"
+        )
+    steps = rep.stats["total"].shape[-1]
+    return ModuleReport(
+        name=call.name,
+        module_name=call.module_name,
+        kind=mod.mode,
+        num_layers=mod.num_layers,
+        num_directions=2 if mod.bidirectional else 1,
+        total=rep.stats["total"],
+        carried=rep.stats["carried"],
+        direct=rep.stats["direct"],
+        cell_total=rep.stats.get("cell_total"),
+        valid_samples=(rep.lengths.view(1, -1) > torch.arange(steps).view(steps, 1)).sum(1),
+        exact=not reasons,
+        fidelity=rep.fidelity,
+        approximate_reason="; ".join(reasons) or None,
+        source="replay",
+        received_gradient=bool(call.grads),
+    )
+
+
+def replay(call: FusedCall, input_grad: bool = False) -> Replay:
+    """Replay the forward trajectory and the backward walk of one call.
+
+    ``input_grad`` also computes dL/dx of the bottom layer (used to validate the replay).
+    """
+    mod = call.module
+    if [w._version for w in call.weights] != call.versions:
+        raise RuntimeError(
+            "the module's weights were modified in place between forward and the end of "
+            "backward, so its trajectory cannot be replayed"
+        )
+    dtype = torch.float64 if call.weights[0].dtype == torch.float64 else torch.float32
+    lay = _to_layout(call, dtype)
+    steps, batch = lay.x.shape[0], lay.x.shape[1]
+    num_dir = 2 if mod.bidirectional else 1
+    out_size = mod.proj_size if mod.proj_size > 0 else mod.hidden_size
+    weights = _layer_weights(call, dtype)
+
+    valid2 = None
+    if lay.lengths is not None and bool((lay.lengths < steps).any()):
+        valid2 = torch.arange(steps).unsqueeze(1) < lay.lengths.unsqueeze(0)  # [T, B]
+    valid = None if valid2 is None else valid2.unsqueeze(-1)
+    lengths = lay.lengths if lay.lengths is not None else torch.full((batch,), steps)
+    time = torch.arange(steps).view(steps, 1, 1)
+    last = [(time == (lengths - 1).view(1, batch, 1)).to(dtype), (time == 0).to(dtype)]
+
+    h0 = _state(call.hx, lay.unbatched, dtype)
+    c0 = _state(call.cx, lay.unbatched, dtype)
+    if h0 is None:
+        h0 = lay.x.new_zeros(mod.num_layers * num_dir, batch, out_size)
+    if c0 is None and mod.mode == "LSTM":
+        c0 = lay.x.new_zeros(mod.num_layers * num_dir, batch, mod.hidden_size)
+
+    # Forward replay, bottom-up. Inter-layer dropout is not replayed (its masks are unseen).
+    recs, layer_input, h_n, c_n = {}, lay.x, [], []
+    for layer in range(mod.num_layers):
+        outs = []
+        for d in range(num_dir):
+            k = layer * num_dir + d
+            rec = make_recurrence(mod.mode, weights[layer, d], reverse=d == 1)
+            y, hn, cn = rec.forward(layer_input, h0[k], None if c0 is None else c0[k], valid)
+            recs[layer, d] = rec
+            outs.append(y)
+            h_n.append(hn)
+            c_n.append(cn)
+        layer_input = torch.cat(outs, dim=-1)
+
+    fidelity = max(
+        _relative_deviation(layer_input, lay.out),
+        _relative_deviation(torch.stack(h_n), _real_state(call.h_n, lay, dtype)),
+    )
+    if call.c_n is not None:
+        c_real = _real_state(call.c_n, lay, dtype)
+        fidelity = max(fidelity, _relative_deviation(torch.stack(c_n), c_real))
+
+    # Backward walk, top-down, with the observed output gradients injected.
+    grad_hn = _state(call.grads.get("h_n"), lay.unbatched, dtype)
+    grad_cn = _state(call.grads.get("c_n"), lay.unbatched, dtype)
+    direct = lay.grad_out
+    if direct is None:
+        direct = lay.x.new_zeros(steps, batch, num_dir * out_size)
+    shape = (mod.num_layers, num_dir, steps)
+    total, carried, direct_s = (torch.zeros(shape) for _ in range(3))
+    cell_total = torch.zeros(shape) if mod.mode == "LSTM" else None
+    for layer in reversed(range(mod.num_layers)):
+        grad_below = None
+        for d in range(num_dir):
+            k = layer * num_dir + d
+            res = recs[layer, d].backward(
+                direct[..., d * out_size : (d + 1) * out_size],
+                None if grad_hn is None else grad_hn[k],
+                None if grad_cn is None else grad_cn[k],
+                last[d],
+                valid,
+                input_grad=layer > 0 or input_grad,
+            )
+            total[layer, d] = step_mean(sample_norms(res.total_h), valid2)
+            direct_s[layer, d] = step_mean(sample_norms(res.direct_h), valid2)
+            carry = sample_norms(res.carried_h)
+            if res.carried_c is not None:
+                carry = torch.hypot(carry, sample_norms(res.carried_c))
+            carried[layer, d] = step_mean(carry, valid2)
+            if cell_total is not None and res.total_c is not None:
+                cell_total[layer, d] = step_mean(sample_norms(res.total_c), valid2)
+            if res.grad_input is not None:
+                gi = res.grad_input
+                grad_below = gi if grad_below is None else grad_below + gi
+        direct = grad_below
+
+    stats = {"total": total, "carried": carried, "direct": direct_s}
+    if cell_total is not None:
+        stats["cell_total"] = cell_total
+    if grad_below is not None and lay.unbatched:
+        grad_below = grad_below.squeeze(1)
+    return Replay(recs, valid2, lengths, stats, grad_below, fidelity, dtype)
+
+
+def _real_state(x: Tensor, lay: _Layout, dtype: torch.dtype) -> Tensor:
+    return (x.unsqueeze(1) if lay.unbatched else x).to(dtype)

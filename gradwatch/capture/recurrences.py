@@ -1,0 +1,292 @@
+"""Step equations of PyTorch's recurrent cells: forward replay and hand-written backward.
+
+One :class:`Recurrence` replays one layer and one direction of a fused ``nn.RNN``/``nn.LSTM``/
+``nn.GRU`` call on detached tensors. The forward pass recomputes the trajectory (and keeps
+what the backward needs); the backward pass injects the gradients observed at the module's
+outputs and walks the recurrence back step by step, exactly as autograd would through the
+fused kernel, but without computing any parameter gradient.
+
+Conventions (PyTorch's, row-vector batches):
+
+* tensors are time-major: inputs ``[T, B, I]``, states ``[B, H]`` (``[B, P]`` for the
+  projected LSTM output), ``valid`` is a ``[T, B, 1]`` boolean mask (``None`` = all valid);
+* ``reverse=True`` processes ``t = T-1 .. 0``; with variable lengths an invalid step keeps
+  the state unchanged, which reproduces the packed-sequence semantics in both directions;
+* gate order: LSTM ``i, f, g, o``; GRU ``r, z, n`` with ``n = tanh(x_n + r * (W_hn h + b_hn))``.
+
+All methods run under ``torch.no_grad()`` from the caller; nothing here touches parameters
+or the random number generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["BackwardResult", "LayerWeights", "Recurrence", "make_recurrence"]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """Weights of one layer and direction, detached, in the replay dtype."""
+
+    w_ih: Tensor  # [G*H, I]
+    w_hh: Tensor  # [G*H, P]
+    b_ih: Tensor | None  # [G*H]
+    b_hh: Tensor | None  # [G*H]
+    w_hr: Tensor | None = None  # [P, H], LSTM with proj_size only
+
+
+@dataclass
+class BackwardResult:
+    """Per-step gradients of one layer/direction, stacked in time order ``[T, B, *]``."""
+
+    total_h: Tensor  # dL/dh_t, everything reaching h_t
+    direct_h: Tensor  # the part injected from outside the recurrence
+    carried_h: Tensor  # the h part arriving from the neighbouring step
+    carried_c: Tensor | None  # LSTM: the c part arriving from the neighbouring step
+    total_c: Tensor | None  # LSTM: dL/dc_t
+    grad_input: Tensor | None  # dL/dx_t for the layer below, [T, B, I], when asked for
+
+
+def _where(valid: Tensor | None, t: int, new: Tensor, old: Tensor) -> Tensor:
+    return new if valid is None else torch.where(valid[t], new, old)
+
+
+def _zero_invalid(valid: Tensor | None, t: int, x: Tensor) -> Tensor:
+    return x if valid is None else x * valid[t]
+
+
+class Recurrence:
+    """Forward trajectory and backward walk of one layer and direction."""
+
+    gates: int = 1
+    has_cell: bool = False
+
+    def __init__(self, weights: LayerWeights, reverse: bool) -> None:
+        self.w = weights
+        self.reverse = reverse
+        self._w_hh_t = weights.w_hh.t()
+        self.hidden_size = weights.w_hh.shape[0] // self.gates
+        self.steps = 0
+
+    # -- helpers ---------------------------------------------------------------------------
+    def order(self, steps: int) -> range:
+        """Time indices in the order the forward pass visits them."""
+        return range(steps - 1, -1, -1) if self.reverse else range(steps)
+
+    def project_inputs(self, x: Tensor, fold_hh_bias: bool = True) -> Tensor:
+        """All input projections at once: one large matrix product instead of T small ones."""
+        xp = torch.matmul(x, self.w.w_ih.t())
+        if self.w.b_ih is not None:
+            xp = xp + self.w.b_ih
+        if fold_hh_bias and self.w.b_hh is not None:
+            xp = xp + self.w.b_hh
+        return xp
+
+    # -- interface -----------------------------------------------------------------------
+    def forward(
+        self, x: Tensor, h0: Tensor, c0: Tensor | None, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Replay the layer. Returns (outputs [T, B, P] zero where invalid, h_n, c_n)."""
+        raise NotImplementedError
+
+    def step_back(
+        self, t: int, dh: Tensor, dc: Tensor | None, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Back through the step that produced h_t.
+
+        ``dh`` is the total gradient at h_t, ``dc`` (LSTM) the gradient at c_t from outside
+        the step (carried from the next step, plus the final-state gradient). Returns
+        ``(d_xp, dh_prev, dc_prev, dc_total)``: the gradient at the input projection of step t,
+        at the previous state, and (LSTM) the total gradient at c_t.
+        """
+        raise NotImplementedError
+
+    def backward(
+        self,
+        direct: Tensor,
+        dh_n: Tensor | None,
+        dc_n: Tensor | None,
+        last: Tensor,
+        valid: Tensor | None,
+        input_grad: bool = True,
+    ) -> BackwardResult:
+        """Walk the recurrence back with ``direct`` [T, B, P] injected at the outputs.
+
+        ``last`` [T, B, 1] marks each sequence's final step in processing order, where the
+        final-state gradients ``dh_n`` / ``dc_n`` enter. ``input_grad`` asks for dL/dx (one
+        large matrix product), needed to feed the layer below.
+        """
+        steps, batch = direct.shape[0], direct.shape[1]
+        if dh_n is not None:
+            direct = direct + last * dh_n
+        carry_h = direct.new_zeros(batch, direct.shape[2])
+        carry_c = direct.new_zeros(batch, self.hidden_size) if self.has_cell else None
+        total_h, carried_h, carried_c, total_c = [], [], [], []
+        d_xp: list[Tensor] = [direct.new_empty(0)] * steps
+        for t in reversed(self.order(steps)):
+            carry_h = _zero_invalid(valid, t, carry_h)
+            dh = direct[t] + carry_h
+            total_h.append(dh)
+            carried_h.append(carry_h)
+            dc_in = None
+            if carry_c is not None:
+                carry_c = _zero_invalid(valid, t, carry_c)
+                carried_c.append(carry_c)
+                dc_in = carry_c if dc_n is None else carry_c + last[t] * dc_n
+            d_xp[t], carry_h, carry_c, dc_total = self.step_back(t, dh, dc_in, valid)
+            if dc_total is not None:
+                total_c.append(dc_total)
+        time_order = slice(None) if self.reverse else slice(None, None, -1)
+
+        def stack(items: list[Tensor]) -> Tensor:
+            return torch.stack(items[time_order])
+
+        grad_input = torch.matmul(torch.stack(d_xp), self.w.w_ih) if input_grad else None
+        return BackwardResult(
+            total_h=stack(total_h),
+            direct_h=direct,
+            carried_h=stack(carried_h),
+            carried_c=stack(carried_c) if self.has_cell else None,
+            total_c=stack(total_c) if self.has_cell else None,
+            grad_input=grad_input,
+        )
+
+
+class SimpleRecurrence(Recurrence):
+    """``nn.RNN``: h' = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu."""
+
+    def __init__(self, weights: LayerWeights, reverse: bool, nonlinearity: str) -> None:
+        super().__init__(weights, reverse)
+        self.relu = nonlinearity == "relu"
+
+    def forward(self, x, h0, c0, valid):
+        xp = self.project_inputs(x)
+        self.steps = x.shape[0]
+        act = torch.relu if self.relu else torch.tanh
+        outs: list[Tensor] = [xp.new_empty(0)] * self.steps
+        h = h0
+        for t in self.order(self.steps):
+            h = _where(valid, t, act(torch.addmm(xp[t], h, self._w_hh_t)), h)
+            outs[t] = h
+        self._h = torch.stack(outs)
+        out = self._h if valid is None else self._h * valid
+        return out, h, None
+
+    def step_back(self, t, dh, dc, valid):
+        h = self._h[t]
+        da = dh * (h > 0) if self.relu else dh * (1 - h * h)
+        da = _zero_invalid(valid, t, da)
+        return da, torch.mm(da, self.w.w_hh), None, None
+
+
+class LSTMRecurrence(Recurrence):
+    """``nn.LSTM``: c' = f*c + i*g, h' = o*tanh(c') (times W_hr with ``proj_size``)."""
+
+    gates = 4
+    has_cell = True
+
+    def forward(self, x, h0, c0, valid):
+        xp = self.project_inputs(x)
+        self.steps = x.shape[0]
+        H = self.hidden_size
+        w_hr_t = None if self.w.w_hr is None else self.w.w_hr.t()
+        empty = xp.new_empty(0)
+        acts, tanh_c, c_prev, outs = ([empty] * self.steps for _ in range(4))
+        h, c = h0, c0
+        for t in self.order(self.steps):
+            a = torch.addmm(xp[t], h, self._w_hh_t)
+            ifo = torch.sigmoid(a[:, [*range(0, 2 * H), *range(3 * H, 4 * H)]])
+            g = torch.tanh(a[:, 2 * H : 3 * H])
+            i, f, o = ifo[:, :H], ifo[:, H : 2 * H], ifo[:, 2 * H :]
+            c_new = f * c + i * g
+            tc = torch.tanh(c_new)
+            h_new = o * tc
+            if w_hr_t is not None:
+                h_new = torch.mm(h_new, w_hr_t)
+            acts[t] = torch.cat([i, f, g, o], dim=1)
+            tanh_c[t], c_prev[t] = tc, c
+            h, c = _where(valid, t, h_new, h), _where(valid, t, c_new, c)
+            outs[t] = h
+        self._acts, self._tanh_c, self._c_prev = torch.stack(acts), torch.stack(tanh_c), c_prev
+        out = torch.stack(outs)
+        if valid is not None:
+            out = out * valid
+        return out, h, c
+
+    def step_back(self, t, dh, dc, valid):
+        H = self.hidden_size
+        a = self._acts[t]
+        i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+        tc = self._tanh_c[t]
+        dm = dh if self.w.w_hr is None else torch.mm(dh, self.w.w_hr)
+        dc_total = dc + dm * o * (1 - tc * tc)
+        d_a = torch.cat(
+            [
+                dc_total * g * i * (1 - i),
+                dc_total * self._c_prev[t] * f * (1 - f),
+                dc_total * i * (1 - g * g),
+                dm * tc * o * (1 - o),
+            ],
+            dim=1,
+        )
+        d_a = _zero_invalid(valid, t, d_a)
+        dc_prev = _zero_invalid(valid, t, dc_total * f)
+        return d_a, torch.mm(d_a, self.w.w_hh), dc_prev, dc_total
+
+
+class GRURecurrence(Recurrence):
+    """``nn.GRU``: h' = (1 - z) * n + z * h."""
+
+    gates = 3
+
+    def forward(self, x, h0, c0, valid):
+        xp = self.project_inputs(x, fold_hh_bias=False)
+        self.steps = x.shape[0]
+        H = self.hidden_size
+        empty = xp.new_empty(0)
+        acts, hn, h_prev, outs = ([empty] * self.steps for _ in range(4))
+        h = h0
+        for t in self.order(self.steps):
+            gh = torch.mm(h, self._w_hh_t)
+            if self.w.b_hh is not None:
+                gh = gh + self.w.b_hh
+            rz = torch.sigmoid(xp[t, :, : 2 * H] + gh[:, : 2 * H])
+            r, z = rz[:, :H], rz[:, H:]
+            n = torch.tanh(xp[t, :, 2 * H :] + r * gh[:, 2 * H :])
+            h_new = n + z * (h - n)
+            acts[t] = torch.cat([rz, n], dim=1)
+            hn[t], h_prev[t] = gh[:, 2 * H :], h
+            h = _where(valid, t, h_new, h)
+            outs[t] = h
+        self._acts, self._hn, self._h_prev = torch.stack(acts), torch.stack(hn), h_prev
+        out = torch.stack(outs)
+        if valid is not None:
+            out = out * valid
+        return out, h, None
+
+    def step_back(self, t, dh, dc, valid):
+        H = self.hidden_size
+        a = self._acts[t]
+        r, z, n = a[:, :H], a[:, H : 2 * H], a[:, 2 * H :]
+        dan = dh * (1 - z) * (1 - n * n)
+        dar = dan * self._hn[t] * r * (1 - r)
+        daz = dh * (self._h_prev[t] - n) * z * (1 - z)
+        d_x = _zero_invalid(valid, t, torch.cat([dar, daz, dan], dim=1))
+        d_h = _zero_invalid(valid, t, torch.cat([dar, daz, dan * r], dim=1))
+        dh_prev = torch.mm(d_h, self.w.w_hh) + _zero_invalid(valid, t, dh * z)
+        return d_x, dh_prev, None, None
+
+
+def make_recurrence(mode: str, weights: LayerWeights, reverse: bool) -> Recurrence:
+    """The recurrence for an ``nn.RNNBase.mode`` (``LSTM``, ``GRU``, ``RNN_TANH``, ``RNN_RELU``)."""
+    if mode == "LSTM":
+        return LSTMRecurrence(weights, reverse)
+    if mode == "GRU":
+        return GRURecurrence(weights, reverse)
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        return SimpleRecurrence(weights, reverse, "relu" if mode == "RNN_RELU" else "tanh")
+    raise ValueError(f"unsupported recurrent mode {mode!r}")

@@ -1,0 +1,169 @@
+"""Exact per-step gradients for recurrences unrolled by user code: cell loops and marked states.
+
+Here every step's state is a real tensor in the autograd graph, so hooks give the exact
+values directly. To tell the carried part from the direct part without changing any value,
+the state is handed to the recurrence through an identity view (``x.view_as(x)``): the view's
+gradient is what came back through the recurrence, the original tensor's gradient is the
+total. A view's backward returns its input gradient unchanged, so parameter gradients are
+bit-identical with and without the views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch.capture.stats import sample_norms
+from gradwatch.report import ModuleReport
+
+__all__ = ["StepSequence", "build_step_report"]
+
+
+@dataclass
+class Step:
+    """One step of a step-wise recurrence: what its hooks saw."""
+
+    total_h: Tensor | None = None  # gradient at the step's hidden state (all consumers)
+    total_c: Tensor | None = None  # LSTMCell: gradient at c_t from outside the cell call
+    direct_h: Tensor | None = None  # marked states: gradient at the output view
+    carried: list[Tensor | None] = field(default_factory=list)  # at the next step's views
+    # LSTMCell: what is needed to add the path c_t -> h_t to dL/dc_t
+    x: Tensor | None = None
+    hx: tuple[Tensor, Tensor] | None = None
+    c: Tensor | None = None
+
+    def add(self, slot: str, grad: Tensor) -> None:
+        """Accumulate a hooked gradient (several backward passes may reach the same step)."""
+        old = getattr(self, slot)
+        setattr(self, slot, grad if old is None else old + grad)
+
+
+@dataclass
+class StepSequence:
+    """The steps of one unrolled sequence (one name in the report)."""
+
+    name: str
+    module_name: str
+    kind: str
+    module: nn.Module | None = None
+    steps: list[Step] = field(default_factory=list)
+    outputs: tuple[Tensor, ...] = ()  # the last step's output tensors, to detect continuation
+    forward_index: int = 0  # which forward pass of the traced model the sequence belongs to
+    on_grad: Callable[[], None] | None = None  # told whenever a hooked gradient arrives
+    handles: list[Any] = field(default_factory=list)
+
+    def hook(self, tensor: Tensor, store: Callable[[Tensor], None]) -> None:
+        """Register a gradient hook that passes the gradient to ``store`` and changes nothing."""
+
+        def fn(grad: Tensor) -> None:
+            store(grad.detach().clone())
+            if self.on_grad is not None:
+                self.on_grad()
+
+        self.handles.append(tensor.register_hook(fn))
+
+    def carried_views(self, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Identity views of a state that the next step consumes; their gradients are the
+        carried part of the last recorded step. Tensors without gradient pass unchanged."""
+        prev = self.steps[-1]
+        prev.carried = [None] * len(state)
+        views = []
+        for i, s in enumerate(state):
+            if not s.requires_grad:
+                views.append(s)
+                continue
+            v = s.view_as(s)
+            self.hook(v, lambda g, i=i, prev=prev: _accumulate(prev.carried, i, g))
+            views.append(v)
+        return tuple(views)
+
+    def release(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.steps.clear()
+        self.outputs = ()
+        self.module = None
+
+
+def _accumulate(slots: list[Tensor | None], i: int, grad: Tensor) -> None:
+    slots[i] = grad if slots[i] is None else slots[i] + grad
+
+
+def _norms(x: Tensor | None, like: Tensor) -> Tensor:
+    """Per-sample norms of a step gradient; zeros where no gradient arrived."""
+    if x is None:
+        return torch.zeros(like.shape[0] if like.dim() > 1 else 1, dtype=torch.float64)
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return sample_norms(x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1))
+
+
+def _lstm_cell_path(cell: nn.LSTMCell, step: Step, dh: Tensor) -> Tensor:
+    """The gradient reaching c_t through h_t = o * tanh(c_t) inside the same cell call."""
+    assert step.x is not None and step.hx is not None and step.c is not None
+    dtype = torch.float64 if cell.weight_hh.dtype == torch.float64 else torch.float32
+    H = cell.hidden_size
+    x, h = step.x.to(dtype), step.hx[0].to(dtype)
+    pre_o = x @ cell.weight_ih[3 * H :].detach().to(dtype).t()
+    pre_o = pre_o + h @ cell.weight_hh[3 * H :].detach().to(dtype).t()
+    if cell.bias:
+        pre_o = pre_o + (cell.bias_ih[3 * H :] + cell.bias_hh[3 * H :]).detach().to(dtype)
+    tc = torch.tanh(step.c.to(dtype))
+    return dh.to(dtype) * torch.sigmoid(pre_o) * (1 - tc * tc)
+
+
+def build_step_report(seq: StepSequence) -> ModuleReport:
+    """Reduce the hooked per-step gradients of one sequence to a report."""
+    T = len(seq.steps)
+    first = next((s.x for s in seq.steps if s.x is not None), None)
+    total, carried, direct, cell = (torch.zeros(1, 1, T) for _ in range(4))
+    batch = torch.zeros(T, dtype=torch.int64)
+    received = False
+    is_lstm = seq.kind == "LSTMCell"
+    for t, st in enumerate(seq.steps):
+        like = st.c if st.c is not None else (st.x if st.x is not None else first)
+        like = like if like is not None else torch.zeros(1)
+        carried_h = st.carried[0] if st.carried else None
+        if seq.kind == "custom":
+            # Marked state: direct and carried are hooked separately; the total is their sum.
+            parts = [p for p in (st.direct_h, carried_h) if p is not None]
+            total_h = sum(parts[1:], parts[0]) if parts else None
+            direct_h = st.direct_h
+        else:
+            total_h = st.total_h
+            direct_h = None if total_h is None else (
+                total_h if carried_h is None else total_h - carried_h
+            )
+        received = received or total_h is not None
+        n_total = _norms(total_h, like)
+        batch[t] = n_total.shape[0]
+        total[0, 0, t] = n_total.mean()
+        direct[0, 0, t] = _norms(direct_h, like).mean()
+        n_carried = _norms(carried_h, like)
+        for extra in st.carried[1:]:
+            n_carried = torch.hypot(n_carried, _norms(extra, like))
+        carried[0, 0, t] = n_carried.mean()
+        if is_lstm:
+            dc = st.total_c
+            if total_h is not None and isinstance(seq.module, nn.LSTMCell):
+                via_h = _lstm_cell_path(seq.module, st, total_h)
+                dc = via_h if dc is None else dc.to(via_h.dtype) + via_h
+            cell[0, 0, t] = _norms(dc, like).mean()
+    return ModuleReport(
+        name=seq.name,
+        module_name=seq.module_name,
+        kind=seq.kind,
+        num_layers=1,
+        num_directions=1,
+        total=total,
+        carried=carried,
+        direct=direct,
+        cell_total=cell if is_lstm else None,
+        valid_samples=batch,
+        source="hooks",
+        received_gradient=received,
+    )
