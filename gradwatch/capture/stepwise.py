@@ -35,6 +35,7 @@ class Step:
     x: Tensor | None = None
     hx: tuple[Tensor, Tensor] | None = None
     c: Tensor | None = None
+    c_hook_has_h_path: bool = False  # whether the hook on c_t already sees the h_t path
 
     def add(self, slot: str, grad: Tensor) -> None:
         """Accumulate a hooked gradient (several backward passes may reach the same step)."""
@@ -59,10 +60,15 @@ class StepSequence:
     def hook(self, tensor: Tensor, store: Callable[[Tensor], None]) -> None:
         """Register a gradient hook that passes the gradient to ``store`` and changes nothing."""
 
-        def fn(grad: Tensor) -> None:
-            store(grad.detach().clone())
-            if self.on_grad is not None:
-                self.on_grad()
+        def fn(grad: Tensor | None) -> None:
+            if grad is None:  # an unused output of a multi-output node
+                return
+            try:
+                store(grad.detach().clone())
+                if self.on_grad is not None:
+                    self.on_grad()
+            except Exception:  # monitoring must never crash training: the step reads zero
+                pass
 
         self.handles.append(tensor.register_hook(fn))
 
@@ -100,6 +106,26 @@ def _norms(x: Tensor | None, like: Tensor) -> Tensor:
         return torch.zeros(like.shape[0] if like.dim() > 1 else 1, dtype=torch.float64)
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return sample_norms(x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1))
+
+
+def consumes(out: Tensor, source: Tensor, depth: int = 4) -> bool:
+    """Whether ``out``'s autograd graph reads ``source`` within ``depth`` nodes.
+
+    ``nn.LSTMCell`` is a composite of autograd ops on some devices (h = o * tanh(c) then
+    reads c, so a hook on c sees the h path) and a single fused node on others (it does not).
+    """
+    target, frontier = source.grad_fn, [out.grad_fn]
+    for _ in range(depth):
+        nxt = []
+        for fn in frontier:
+            if fn is None:
+                continue
+            for child, _ in fn.next_functions:
+                if child is target:
+                    return True
+                nxt.append(child)
+        frontier = nxt
+    return False
 
 
 def _lstm_cell_path(cell: nn.LSTMCell, step: Step, dh: Tensor) -> Tensor:
@@ -149,7 +175,11 @@ def build_step_report(seq: StepSequence) -> ModuleReport:
         carried[0, 0, t] = n_carried.mean()
         if is_lstm:
             dc = st.total_c
-            if total_h is not None and isinstance(seq.module, nn.LSTMCell):
+            if (
+                total_h is not None
+                and not st.c_hook_has_h_path
+                and isinstance(seq.module, nn.LSTMCell)
+            ):
                 via_h = _lstm_cell_path(seq.module, st, total_h)
                 dc = via_h if dc is None else dc.to(via_h.dtype) + via_h
             cell[0, 0, t] = _norms(dc, like).mean()

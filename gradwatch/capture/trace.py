@@ -17,7 +17,7 @@ from gradwatch.capture.discovery import (
     find_recurrent_modules,
 )
 from gradwatch.capture.fused import FusedCall, output_tensors, record_fused_call, replay_fused_call
-from gradwatch.capture.stepwise import Step, StepSequence, build_step_report
+from gradwatch.capture.stepwise import Step, StepSequence, build_step_report, consumes
 from gradwatch.errors import BackwardNotRunError, GradwatchError, NoRecurrentModuleError
 from gradwatch.report import ModuleReport, Report
 
@@ -67,7 +67,8 @@ class Trace:
             raise GradwatchError("a gradwatch trace can be entered only once; create a new one")
         self._state = "active"
         add = self._module_handles.append
-        add(self.model.register_forward_pre_hook(self._on_root_forward))
+        if not isinstance(self.model, RECURRENT_TYPES):  # a cell as root: each call is a step
+            add(self.model.register_forward_pre_hook(self._on_root_forward))
         for name, module in self._targets:
             if isinstance(module, nn.RNNBase):
                 add(module.register_forward_hook(partial(self._on_fused, name), with_kwargs=True))
@@ -90,6 +91,7 @@ class Trace:
             for call in self._calls:  # calls whose outputs got no gradient: zeros, honestly
                 if call.name not in self._results and call.name not in self._failures:
                     self._replay(call)
+            self._build_step_reports()
         for call in self._calls:
             call.release()
         for seq in self._all_sequences:
@@ -133,15 +135,19 @@ class Trace:
                 f"gradwatch.trace({model}): no backward pass reached {names}; call "
                 "loss.backward() inside the `with` block before asking for the report"
             )
+        if self._state != "closed":
+            self._build_step_reports()
+        modules = {n: self._results[n] for n in self._order if n in self._results}
+        failures = {n: w for n, w in self._failures.items() if n not in modules}
+        return Report(modules=modules, failures=failures)
+
+    def _build_step_reports(self) -> None:
         for seq in self._all_sequences:
             if seq.name not in self._failures and seq.steps:
                 try:
                     self._results[seq.name] = build_step_report(seq)
                 except Exception as e:  # monitoring must never crash training
                     self._failures[seq.name] = f"could not build the report: {e!r}"
-        modules = {n: self._results[n] for n in self._order if n in self._results}
-        failures = {n: w for n, w in self._failures.items() if n not in modules}
-        return Report(modules=modules, failures=failures)
 
     # -- naming ------------------------------------------------------------------------------
     def _new_name(self, base: str) -> str:
@@ -167,12 +173,17 @@ class Trace:
         except Exception as e:  # monitoring must never crash training
             self._failures[module_name] = f"could not record the call: {e!r}"
 
-    def _on_fused_grad(self, call: FusedCall, slot: str, grad: Tensor) -> None:
-        old = call.grads.get(slot)
-        grad = grad.detach()
-        call.grads[slot] = grad.clone() if old is None else old + grad
-        self._dirty.add(id(call))
-        self._queue_finish()
+    def _on_fused_grad(self, call: FusedCall, slot: str, grad: Tensor | None) -> None:
+        if grad is None:  # an unused output of a multi-output node
+            return
+        try:
+            old = call.grads.get(slot)
+            grad = grad.detach()
+            call.grads[slot] = grad.clone() if old is None else old + grad
+            self._dirty.add(id(call))
+            self._queue_finish()
+        except Exception as e:  # monitoring must never crash training
+            self._failures[call.name] = f"could not record a gradient: {e!r}"
 
     def _queue_finish(self) -> None:
         self._backward_seen = True
@@ -259,6 +270,7 @@ class Trace:
             self._hook_step(seq, h, step, "total_h")
             if c is not None:
                 step.c = c.detach()
+                step.c_hook_has_h_path = c.grad_fn is not h.grad_fn and consumes(h, c)
                 self._hook_step(seq, c, step, "total_c")
             seq.outputs = (h,) if c is None else (h, c)
         except Exception as e:  # monitoring must never crash training
