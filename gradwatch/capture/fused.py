@@ -186,13 +186,19 @@ def _layer_weights(call: FusedCall, dtype: torch.dtype) -> dict[tuple[int, int],
     return result
 
 
-def _relative_deviation(replayed: Tensor, real: Tensor) -> float:
-    same = (replayed == real) | (replayed.isnan() & real.isnan())
-    diff = torch.where(same, torch.zeros((), dtype=real.dtype), (replayed - real).abs())
-    scale = real.abs().nan_to_num(0.0, 0.0, 0.0).max() if real.numel() else real.new_zeros(())
-    if not diff.numel():
-        return 0.0
-    return float(diff.max() / scale.clamp_min(torch.finfo(real.dtype).tiny))
+def _deviation(replayed: list[Tensor], real: list[Tensor]) -> float:
+    """Largest deviation of replayed from real values, relative to the largest real value
+    over all the compared tensors (one scale, so a state that happens to be near zero does
+    not inflate the figure). Matching non-finite values count as equal."""
+    worst, scale = 0.0, 0.0
+    for a, b in zip(replayed, real, strict=True):
+        if not b.numel():
+            continue
+        same = (a == b) | (a.isnan() & b.isnan())
+        diff = torch.where(same, torch.zeros((), dtype=b.dtype), (a - b).abs())
+        worst = max(worst, float(diff.max()))
+        scale = max(scale, float(b.abs().nan_to_num(0.0, 0.0, 0.0).max()))
+    return worst / max(scale, torch.finfo(torch.float32).tiny)
 
 
 @dataclass
@@ -288,13 +294,11 @@ def replay(call: FusedCall, input_grad: bool = False) -> Replay:
             c_n.append(cn)
         layer_input = torch.cat(outs, dim=-1)
 
-    fidelity = max(
-        _relative_deviation(layer_input, lay.out),
-        _relative_deviation(torch.stack(h_n), _real_state(call.h_n, lay, dtype)),
-    )
+    replayed, real = [layer_input, torch.stack(h_n)], [lay.out, _real_state(call.h_n, lay, dtype)]
     if call.c_n is not None:
-        c_real = _real_state(call.c_n, lay, dtype)
-        fidelity = max(fidelity, _relative_deviation(torch.stack(c_n), c_real))
+        replayed.append(torch.stack(c_n))
+        real.append(_real_state(call.c_n, lay, dtype))
+    fidelity = _deviation(replayed, real)
 
     # Backward walk, top-down, with the observed output gradients injected.
     grad_hn = _state(call.grads.get("h_n"), lay.unbatched, dtype)

@@ -79,12 +79,13 @@ class Recurrence:
 
     def project_inputs(self, x: Tensor, fold_hh_bias: bool = True) -> Tensor:
         """All input projections at once: one large matrix product instead of T small ones."""
-        xp = torch.matmul(x, self.w.w_ih.t())
-        if self.w.b_ih is not None:
-            xp = xp + self.w.b_ih
+        bias = self.w.b_ih
         if fold_hh_bias and self.w.b_hh is not None:
-            xp = xp + self.w.b_hh
-        return xp
+            bias = self.w.b_hh if bias is None else bias + self.w.b_hh
+        flat = x.reshape(-1, x.shape[-1])
+        w_t = self.w.w_ih.t()
+        xp = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
+        return xp.view(*x.shape[:-1], -1)
 
     # -- interface -----------------------------------------------------------------------
     def forward(
@@ -184,57 +185,84 @@ class SimpleRecurrence(Recurrence):
 
 
 class LSTMRecurrence(Recurrence):
-    """``nn.LSTM``: c' = f*c + i*g, h' = o*tanh(c') (times W_hr with ``proj_size``)."""
+    """``nn.LSTM``: c' = f*c + i*g, h' = o*tanh(c') (times W_hr with ``proj_size``).
+
+    Gate rows are reordered once from PyTorch's (i, f, g, o) to (o, i, f, g): the sigmoid
+    gates are then one contiguous block in the forward pass, and the gates driven by dc one
+    contiguous block in the backward pass. Per-step backward coefficients are computed for
+    all steps at once after the forward pass, leaving few small operations per step.
+    """
 
     gates = 4
     has_cell = True
 
+    def __init__(self, weights: LayerWeights, reverse: bool) -> None:
+        H = weights.w_hh.shape[0] // 4
+        perm = torch.cat([torch.arange(3 * H, 4 * H), torch.arange(0, 3 * H)])
+
+        def rows(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[perm]
+
+        w = weights
+        super().__init__(
+            LayerWeights(rows(w.w_ih), rows(w.w_hh), rows(w.b_ih), rows(w.b_hh), w.w_hr), reverse
+        )
+
     def forward(self, x, h0, c0, valid):
         xp = self.project_inputs(x)
-        self.steps = x.shape[0]
-        H = self.hidden_size
+        T, B, H = x.shape[0], x.shape[1], self.hidden_size
+        self.steps = T
         w_hr_t = None if self.w.w_hr is None else self.w.w_hr.t()
-        empty = xp.new_empty(0)
-        acts, tanh_c, c_prev, outs = ([empty] * self.steps for _ in range(4))
+        acts = xp.new_empty(T, B, 4 * H)  # o, i, f (sigmoid) and g (tanh)
+        tanh_c, cells = xp.new_empty(T, B, H), xp.new_empty(T, B, H)
+        outs = xp.new_empty(T, B, h0.shape[-1])
         h, c = h0, c0
-        for t in self.order(self.steps):
+        for t in self.order(T):
             a = torch.addmm(xp[t], h, self._w_hh_t)
-            ifo = torch.sigmoid(a[:, [*range(0, 2 * H), *range(3 * H, 4 * H)]])
-            g = torch.tanh(a[:, 2 * H : 3 * H])
-            i, f, o = ifo[:, :H], ifo[:, H : 2 * H], ifo[:, 2 * H :]
-            c_new = f * c + i * g
-            tc = torch.tanh(c_new)
-            h_new = o * tc
+            at = acts[t]
+            torch.sigmoid(a[:, : 3 * H], out=at[:, : 3 * H])
+            torch.tanh(a[:, 3 * H :], out=at[:, 3 * H :])
+            o, i, f, g = at[:, :H], at[:, H : 2 * H], at[:, 2 * H : 3 * H], at[:, 3 * H :]
+            if valid is None:  # write straight into the trajectory buffers
+                c = torch.addcmul(f * c, i, g, out=cells[t])
+                torch.tanh(c, out=tanh_c[t])
+                if w_hr_t is None:
+                    h = torch.mul(o, tanh_c[t], out=outs[t])
+                else:
+                    h = torch.mm(o * tanh_c[t], w_hr_t, out=outs[t])
+                continue
+            c_new = torch.addcmul(f * c, i, g)
+            torch.tanh(c_new, out=tanh_c[t])
+            h_new = o * tanh_c[t]
             if w_hr_t is not None:
                 h_new = torch.mm(h_new, w_hr_t)
-            acts[t] = torch.cat([i, f, g, o], dim=1)
-            tanh_c[t], c_prev[t] = tc, c
             h, c = _where(valid, t, h_new, h), _where(valid, t, c_new, c)
-            outs[t] = h
-        self._acts, self._tanh_c, self._c_prev = torch.stack(acts), torch.stack(tanh_c), c_prev
-        out = torch.stack(outs)
-        if valid is not None:
-            out = out * valid
+            outs[t], cells[t] = h, c
+        # c_prev[t]: the cell state step t started from (the neighbour in processing order)
+        c_prev = (
+            torch.cat([cells[1:], c0[None]]) if self.reverse else torch.cat([c0[None], cells[:-1]])
+        )
+        o, i, f, g = (
+            acts[..., :H],
+            acts[..., H : 2 * H],
+            acts[..., 2 * H : 3 * H],
+            acts[..., 3 * H :],
+        )
+        self._f = f
+        self._k_c = o * (1 - tanh_c * tanh_c)  # dc += dm * k_c
+        self._k_o = tanh_c * o * (1 - o)  # d(pre-activation of o) = dm * k_o
+        self._k_ifg = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=-1)
+        out = outs if valid is None else outs * valid
         return out, h, c
 
     def step_back(self, t, dh, dc, valid):
         H = self.hidden_size
-        a = self._acts[t]
-        i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
-        tc = self._tanh_c[t]
         dm = dh if self.w.w_hr is None else torch.mm(dh, self.w.w_hr)
-        dc_total = dc + dm * o * (1 - tc * tc)
-        d_a = torch.cat(
-            [
-                dc_total * g * i * (1 - i),
-                dc_total * self._c_prev[t] * f * (1 - f),
-                dc_total * i * (1 - g * g),
-                dm * tc * o * (1 - o),
-            ],
-            dim=1,
-        )
+        dc_total = torch.addcmul(dc, dm, self._k_c[t])
+        d_ifg = dc_total.unsqueeze(1) * self._k_ifg[t].view(-1, 3, H)
+        d_a = torch.cat([dm * self._k_o[t], d_ifg.flatten(1)], dim=1)
         d_a = _zero_invalid(valid, t, d_a)
-        dc_prev = _zero_invalid(valid, t, dc_total * f)
+        dc_prev = _zero_invalid(valid, t, dc_total * self._f[t])
         return d_a, torch.mm(d_a, self.w.w_hh), dc_prev, dc_total
 
 

@@ -161,8 +161,8 @@ def build_step_report(seq: StepSequence) -> ModuleReport:
             direct_h = st.direct_h
         else:
             total_h = st.total_h
-            direct_h = None if total_h is None else (
-                total_h if carried_h is None else total_h - carried_h
+            direct_h = (
+                None if total_h is None else (total_h if carried_h is None else total_h - carried_h)
             )
         received = received or total_h is not None
         n_total = _norms(total_h, like)

@@ -361,4 +361,3 @@ def mark_state(
     if tr is None or not torch.is_grad_enabled() or not parts[0].requires_grad:
         return parts[0], state
     return tr._mark(name, state)
-
