@@ -202,7 +202,10 @@ class Trace:
 
     def _replay(self, call: FusedCall) -> None:
         try:
-            with torch.no_grad():
+            # The replay runs inside the user's backward, possibly under autocast: it must
+            # compute in the weights' own precision, as documented.
+            device = call.weights[0].device.type
+            with torch.no_grad(), torch.autocast(device, enabled=False):
                 self._results[call.name] = replay_fused_call(call)
             self._failures.pop(call.name, None)
         except Exception as e:  # monitoring must never crash training
