@@ -9,7 +9,77 @@ from torch import Tensor
 
 from gradwatch.errors import CaptureError
 
-__all__ = ["ModuleReport", "Report"]
+__all__ = ["Causes", "Explanation", "ModuleReport", "NonfiniteLocation", "Report", "VERDICTS"]
+
+# Verdicts from best to worst; a module's verdict is the worst over its layers and directions.
+VERDICTS = ("healthy", "vanishing", "exploding", "nonfinite")
+
+
+@dataclass(frozen=True)
+class Causes:
+    """The per-step factor's ingredients, per layer and direction (float32 ``[L, D]``).
+
+    Attributes:
+        weight_norm: Spectral norm ``||W_hh||_2`` of the recurrent weight (for an LSTM with
+            ``proj_size``, of ``W_hh @ W_hr``).
+        weight_radius: Spectral radius of the square recurrent map: ``W_hh`` for ``nn.RNN``;
+            the candidate block (``g`` for LSTM, ``n`` for GRU) for gated cells.
+        pascanu_bound: ``gamma * ||W_hh||_2`` (gamma = 1 for tanh and relu): no step can
+            multiply the gradient by more (Pascanu et al., 2013). NaN for gated cells.
+        act_derivative: Mean derivative of the state nonlinearity along the trajectory
+            (tanh: ``1 - h^2``; relu: fraction active; gated cells: the candidate's tanh).
+        saturation: Fraction of saturated units: tanh derivative below 0.1, relu inactive.
+        gate_mean: Mean gate values, by gate name (``"forget"``, ``"input"``, ``"output"`` for
+            LSTM; ``"update"``, ``"reset"`` for GRU); empty for ``nn.RNN``.
+        gate_saturation: Fraction of gate values outside ``[0.1, 0.9]``, by gate name.
+        forget_bias: LSTM only: mean effective forget bias ``b_if + b_hf``.
+        sampled_steps: How many timesteps the trajectory statistics were computed on.
+    """
+
+    weight_norm: Tensor
+    weight_radius: Tensor
+    pascanu_bound: Tensor
+    act_derivative: Tensor
+    saturation: Tensor
+    gate_mean: dict[str, Tensor] = field(default_factory=dict)
+    gate_saturation: dict[str, Tensor] = field(default_factory=dict)
+    forget_bias: Tensor | None = None
+    sampled_steps: int = 0
+
+
+@dataclass(frozen=True)
+class NonfiniteLocation:
+    """Where the first non-finite gradient appeared, in backward order."""
+
+    module: str
+    layer: int
+    direction: int
+    timestep: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.module} layer {self.layer} direction {self.direction} timestep {self.timestep}"
+        )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The verdict of one module call with its dominant cause, in plain words.
+
+    ``cause`` is a stable key (e.g. ``"small_recurrent_weight"``, ``"saturated_activation"``,
+    ``"forget_gate"``, ``"large_recurrent_weight"``, ``"nonfinite"``, ``"none"``) for code;
+    ``text`` is the sentence for people; ``remedies`` are concrete things to try.
+    """
+
+    verdict: str
+    cause: str
+    text: str
+    layer: int | None = None
+    direction: int | None = None
+    remedies: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -45,6 +115,21 @@ class ModuleReport:
         source: ``"replay"`` (fused modules) or ``"hooks"`` (cells and marked states).
         received_gradient: ``False`` when backward ran but no gradient reached this call
             (its outputs did not contribute to the loss): the values are then zeros.
+        seq_len: The longest valid sequence length of the call (the T it trained on).
+        propagation: ``[L, D, T]`` log10 of the attenuation ``a(k)`` of a unit cotangent
+            injected on the full state at each sequence's last step and carried back ``k``
+            steps through the recurrence only (``a(0) = 1``); NaN where no sample reaches k.
+        gain: ``[L, D]`` per-step factor: geometric-mean slope of ``a(k)``.
+        horizon: ``[L, D]`` steps until ``a(k)`` falls below 1% (``inf``: never).
+        efold: ``[L, D]`` steps for a factor ``e`` of decay or growth, ``1 / |ln gain|``.
+        log10_attenuation: ``[L, D]`` log10 ``a`` over each whole sequence.
+        actual_gain: ``[L, D]`` loss-weighted view: geometric mean over steps of
+            ``carried[t] / total[t+1]`` (the actual gradient's per-step factor).
+        causes: The ingredients of the per-step factor, see :class:`Causes`.
+        verdicts: ``[L][D]`` verdict strings (see :data:`VERDICTS`).
+        verdict: The worst of ``verdicts``.
+        nonfinite_at: Where the first non-finite gradient appeared in backward order.
+        explanation: The verdict's dominant cause, see :class:`Explanation`.
     """
 
     name: str
@@ -62,6 +147,25 @@ class ModuleReport:
     approximate_reason: str | None = None
     source: str = "replay"
     received_gradient: bool = True
+    # -- diagnostics (see docs/diagnostics.md); None where they could not be computed --
+    seq_len: int = 0
+    propagation: Tensor | None = None
+    gain: Tensor | None = None
+    horizon: Tensor | None = None
+    efold: Tensor | None = None
+    log10_attenuation: Tensor | None = None
+    actual_gain: Tensor | None = None
+    causes: Causes | None = None
+    verdicts: tuple[tuple[str, ...], ...] = ()
+    verdict: str = "healthy"
+    nonfinite_at: NonfiniteLocation | None = None
+    explanation: Explanation | None = None
+
+    def explain(self) -> str:
+        """Human-readable verdict and its dominant cause."""
+        if self.explanation is None:
+            return f"{self.name}: {self.verdict} (no diagnostics available)"
+        return self.explanation.text
 
     @property
     def steps(self) -> int:

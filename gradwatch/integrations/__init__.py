@@ -1,0 +1,1 @@
+"""Training-loop adapters: the framework-free monitor, the Lightning callback, plain PyTorch."""

@@ -1,0 +1,1 @@
+"""What gradwatch does with its verdicts: TensorBoard panels, log warnings, clipping."""
