@@ -1,5 +1,7 @@
 """gradwatch: see vanishing and exploding gradients through time in recurrent networks."""
 
+from typing import Any
+
 from gradwatch.capture import Trace, mark_state, trace
 from gradwatch.errors import (
     BackwardNotRunError,
@@ -8,16 +10,36 @@ from gradwatch.errors import (
     NoRecurrentModuleError,
     UnsupportedModuleError,
 )
-from gradwatch.report import ModuleReport, Report
+from gradwatch.report import Causes, Explanation, ModuleReport, NonfiniteLocation, Report
 
 __version__ = "0.1.0.dev0"
+
+# Imported on first use: Lightning takes seconds to import and plain-PyTorch users need none of it.
+_LAZY = {
+    "GradWatch": "gradwatch.integrations.lightning",
+    "Monitor": "gradwatch.integrations.pytorch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+
 
 __all__ = [
     "BackwardNotRunError",
     "CaptureError",
+    "Causes",
+    "Explanation",
+    "GradWatch",
     "GradwatchError",
     "ModuleReport",
+    "Monitor",
     "NoRecurrentModuleError",
+    "NonfiniteLocation",
     "Report",
     "Trace",
     "UnsupportedModuleError",

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from gradwatch.errors import CaptureError
 
-__all__ = ["Causes", "Explanation", "ModuleReport", "NonfiniteLocation", "Report", "VERDICTS"]
+__all__ = ["VERDICTS", "Causes", "Explanation", "ModuleReport", "NonfiniteLocation", "Report"]
 
 # Verdicts from best to worst; a module's verdict is the worst over its layers and directions.
 VERDICTS = ("healthy", "vanishing", "exploding", "nonfinite")
