@@ -19,7 +19,9 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from gradwatch.capture.recurrences import LayerWeights, Recurrence, make_recurrence
 from gradwatch.capture.stats import sample_norms, step_mean
+from gradwatch.quantities import QuantityOptions, fused_quantities, to_host
 from gradwatch.report import ModuleReport
+from gradwatch.verdicts import Thresholds, diagnose
 
 __all__ = [
     "FusedCall",
@@ -186,19 +188,23 @@ def _layer_weights(call: FusedCall, dtype: torch.dtype) -> dict[tuple[int, int],
     return result
 
 
-def _deviation(replayed: list[Tensor], real: list[Tensor]) -> float:
+def _deviation(replayed: list[Tensor], real: list[Tensor]) -> Tensor:
     """Largest deviation of replayed from real values, relative to the largest real value
     over all the compared tensors (one scale, so a state that happens to be near zero does
-    not inflate the figure). Matching non-finite values count as equal."""
-    worst, scale = 0.0, 0.0
+    not inflate the figure). Matching non-finite values count as equal. A device scalar:
+    it reaches the host with the rest of the report, in one copy."""
+    worst, scale = [], []
     for a, b in zip(replayed, real, strict=True):
         if not b.numel():
             continue
         same = (a == b) | (a.isnan() & b.isnan())
-        diff = torch.where(same, torch.zeros((), dtype=b.dtype), (a - b).abs())
-        worst = max(worst, float(diff.max()))
-        scale = max(scale, float(b.abs().nan_to_num(0.0, 0.0, 0.0).max()))
-    return worst / max(scale, torch.finfo(torch.float32).tiny)
+        diff = torch.where(same, torch.zeros((), dtype=b.dtype, device=b.device), (a - b).abs())
+        worst.append(diff.max())
+        scale.append(b.abs().nan_to_num(0.0, 0.0, 0.0).max())
+    if not worst:
+        return torch.zeros(())
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.stack(worst).max() / torch.stack(scale).max().clamp(min=tiny)
 
 
 @dataclass
@@ -208,16 +214,44 @@ class Replay:
     recurrences: dict[tuple[int, int], Recurrence]  # (layer, direction) -> trajectory
     valid: Tensor | None  # [T, B] mask, None when every sequence covers every step
     lengths: Tensor  # [B]
-    stats: dict[str, Tensor]  # total / carried / direct / cell_total: [L, D, T]
+    stats: dict[str, Tensor]  # total / carried / direct / cell_total: [L, D, T], on device
     grad_input: Tensor | None  # dL/dx of the bottom layer [T, B, I], when asked for
-    fidelity: float
+    fidelity: Tensor  # device scalar
     dtype: torch.dtype
 
 
-def replay_fused_call(call: FusedCall) -> ModuleReport:
-    """Replay the recurrence of one call and return its per-timestep report."""
+def _weight_keys(mod: nn.RNNBase) -> dict[tuple[int, int], Tensor]:
+    """The module's own recurrent weight parameters by (layer, direction)."""
+    keys = {}
+    for layer in range(mod.num_layers):
+        for d in range(2 if mod.bidirectional else 1):
+            w = getattr(mod, f"weight_hh_l{layer}" + ("_reverse" if d else ""), None)
+            if isinstance(w, Tensor):
+                keys[layer, d] = w
+    return keys
+
+
+def replay_fused_call(
+    call: FusedCall,
+    thresholds: Thresholds | None = None,
+    options: QuantityOptions | None = None,
+) -> ModuleReport:
+    """Replay the recurrence of one call and return its per-timestep report, diagnosed."""
     rep = replay(call)
     mod = call.module
+    options = options or QuantityOptions()
+    device_values = dict(rep.stats)
+    device_values["fidelity"] = rep.fidelity
+    if options.propagation or options.causes:
+        q = fused_quantities(
+            rep.recurrences, rep.valid, rep.lengths, rep.stats, _weight_keys(mod), options
+        )
+    else:
+        q = {}
+    device_values.update(q)
+    host = to_host(device_values)  # the only device-to-host copy of the report
+    stats = {k: host.pop(k) for k in list(rep.stats)}
+    fidelity = float(host.pop("fidelity"))
     reasons = []
     if call.dropout_active:
         reasons.append(
@@ -227,29 +261,31 @@ def replay_fused_call(call: FusedCall) -> ModuleReport:
     dtype = rep.dtype
     if call.h_n.dtype not in EXACT_TOLERANCE:
         reasons.append(f"the module computed in {call.h_n.dtype} (autocast?); replayed in {dtype}")
-    elif rep.fidelity > EXACT_TOLERANCE[dtype] and not call.dropout_active:
+    elif fidelity > EXACT_TOLERANCE[dtype] and not call.dropout_active:
         reasons.append(
-            f"the replay deviates from the module's real outputs by {rep.fidelity:.1e} "
+            f"the replay deviates from the module's real outputs by {fidelity:.1e} "
             "(relative); does a subclass change the forward computation?"
         )
-    steps = rep.stats["total"].shape[-1]
-    return ModuleReport(
+    steps = stats["total"].shape[-1]
+    report = ModuleReport(
         name=call.name,
         module_name=call.module_name,
         kind=mod.mode,
         num_layers=mod.num_layers,
         num_directions=2 if mod.bidirectional else 1,
-        total=rep.stats["total"],
-        carried=rep.stats["carried"],
-        direct=rep.stats["direct"],
-        cell_total=rep.stats.get("cell_total"),
+        total=stats["total"],
+        carried=stats["carried"],
+        direct=stats["direct"],
+        cell_total=stats.get("cell_total"),
         valid_samples=(rep.lengths.view(1, -1) > torch.arange(steps).view(steps, 1)).sum(1),
         exact=not reasons,
-        fidelity=rep.fidelity,
+        fidelity=fidelity,
         approximate_reason="; ".join(reasons) or None,
         source="replay",
         received_gradient=bool(call.grads),
     )
+    reverse_of = [False, True][: report.num_directions]
+    return diagnose(report, host, thresholds or Thresholds(), reverse_of)
 
 
 def replay(call: FusedCall, input_grad: bool = False) -> Replay:
@@ -265,13 +301,17 @@ def replay(call: FusedCall, input_grad: bool = False) -> Replay:
     out_size = mod.proj_size if mod.proj_size > 0 else mod.hidden_size
     weights = _layer_weights(call, dtype)
 
+    # lengths live on the CPU (packed sequences keep them there): no device sync to test them
+    device = lay.x.device
     valid2 = None
     if lay.lengths is not None and bool((lay.lengths < steps).any()):
         valid2 = torch.arange(steps).unsqueeze(1) < lay.lengths.unsqueeze(0)  # [T, B]
+        valid2 = valid2.to(device)
     valid = None if valid2 is None else valid2.unsqueeze(-1)
     lengths = lay.lengths if lay.lengths is not None else torch.full((batch,), steps)
-    time = torch.arange(steps).view(steps, 1, 1)
-    last = [(time == (lengths - 1).view(1, batch, 1)).to(dtype), (time == 0).to(dtype)]
+    time = torch.arange(steps, device=device).view(steps, 1, 1)
+    ends = (lengths - 1).to(device).view(1, batch, 1)
+    last = [(time == ends).to(dtype), (time == 0).to(dtype)]
 
     h0 = _state(call.hx, lay.unbatched, dtype)
     c0 = _state(call.cx, lay.unbatched, dtype)
@@ -307,8 +347,8 @@ def replay(call: FusedCall, input_grad: bool = False) -> Replay:
     if direct is None:
         direct = lay.x.new_zeros(steps, batch, num_dir * out_size)
     shape = (mod.num_layers, num_dir, steps)
-    total, carried, direct_s = (torch.zeros(shape) for _ in range(3))
-    cell_total = torch.zeros(shape) if mod.mode == "LSTM" else None
+    total, carried, direct_s = (lay.x.new_zeros(shape, dtype=torch.float32) for _ in range(3))
+    cell_total = lay.x.new_zeros(shape, dtype=torch.float32) if mod.mode == "LSTM" else None
     for layer in reversed(range(mod.num_layers)):
         grad_below = None
         for d in range(num_dir):

@@ -111,6 +111,27 @@ class Recurrence:
         xp = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
         return xp.view(*x.shape[:-1], -1)
 
+    # -- what the diagnostics read ---------------------------------------------------------
+    def recurrent_matrix(self) -> Tensor:
+        """The map from the previous output to the pre-activations (``W_hh``, or
+        ``W_hh @ W_hr`` for an LSTM with projections)."""
+        w = self.w.w_hh
+        return w if self.w.w_hr is None else w @ self.w.w_hr
+
+    def candidate_block(self) -> Tensor:
+        """The square block of :meth:`recurrent_matrix` feeding the state nonlinearity."""
+        return self.recurrent_matrix()
+
+    def forget_bias(self) -> Tensor | None:
+        """LSTM: mean effective forget-gate bias ``b_if + b_hf``; ``None`` otherwise."""
+        return None
+
+    def trajectory(self, steps: Tensor) -> dict[str, Tensor]:
+        """Values along the replayed trajectory at the given timesteps, ``[S, B, H]`` each:
+        ``derivative`` of the state nonlinearity, gate values by name, and a ``relu`` key
+        when the nonlinearity is a ReLU."""
+        raise NotImplementedError
+
     # -- interface -----------------------------------------------------------------------
     def forward(
         self, x: Tensor, h0: Tensor, c0: Tensor | None, valid: Tensor | None
@@ -207,6 +228,12 @@ class SimpleRecurrence(Recurrence):
         da = _zero_invalid(valid, t, da)
         return da, self._to_state(da), None, None
 
+    def trajectory(self, steps):
+        h = self._h[steps]
+        if self.relu:
+            return {"derivative": (h > 0).to(h.dtype), "relu": h}
+        return {"derivative": 1 - h * h}
+
 
 class LSTMRecurrence(Recurrence):
     """``nn.LSTM``: c' = f*c + i*g, h' = o*tanh(c') (times W_hr with ``proj_size``).
@@ -272,7 +299,7 @@ class LSTMRecurrence(Recurrence):
             acts[..., 2 * H : 3 * H],
             acts[..., 3 * H :],
         )
-        self._f = f
+        self._acts, self._f = acts, f
         self._k_c = o * (1 - tanh_c * tanh_c)  # dc += dm * k_c
         self._k_o = tanh_c * o * (1 - o)  # d(pre-activation of o) = dm * k_o
         self._k_ifg = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=-1)
@@ -288,6 +315,27 @@ class LSTMRecurrence(Recurrence):
         d_a = _zero_invalid(valid, t, d_a)
         dc_prev = _zero_invalid(valid, t, dc_total * self._f[t])
         return d_a, self._to_state(d_a), dc_prev, dc_total
+
+    # rows are in (o, i, f, g) order here
+    def candidate_block(self):
+        H = self.hidden_size
+        return self.recurrent_matrix()[3 * H :]
+
+    def forget_bias(self):
+        H = self.hidden_size
+        parts = [b[2 * H : 3 * H] for b in (self.w.b_ih, self.w.b_hh) if b is not None]
+        return sum(parts[1:], parts[0]).mean() if parts else self.w.w_hh.new_zeros(())
+
+    def trajectory(self, steps):
+        H = self.hidden_size
+        a = self._acts[steps]
+        g = a[..., 3 * H :]
+        return {
+            "derivative": 1 - g * g,
+            "forget": a[..., 2 * H : 3 * H],
+            "input": a[..., H : 2 * H],
+            "output": a[..., :H],
+        }
 
 
 class GRURecurrence(Recurrence):
@@ -331,6 +379,16 @@ class GRURecurrence(Recurrence):
         d_h = _zero_invalid(valid, t, torch.cat([dar, daz, dan * r], dim=1))
         dh_prev = self._to_state(d_h) + _zero_invalid(valid, t, dh * z)
         return d_x, dh_prev, None, None
+
+    def candidate_block(self):
+        H = self.hidden_size
+        return self.w.w_hh[2 * H :]
+
+    def trajectory(self, steps):
+        H = self.hidden_size
+        a = self._acts[steps]
+        n = a[..., 2 * H :]
+        return {"derivative": 1 - n * n, "update": a[..., H : 2 * H], "reset": a[..., :H]}
 
 
 def make_recurrence(mode: str, weights: LayerWeights, reverse: bool) -> Recurrence:

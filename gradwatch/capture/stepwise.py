@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.capture.stats import sample_norms
+from gradwatch.quantities import stepwise_quantities
 from gradwatch.report import ModuleReport
+from gradwatch.verdicts import Thresholds, diagnose
 
 __all__ = ["StepSequence", "build_step_report"]
 
@@ -142,7 +144,7 @@ def _lstm_cell_path(cell: nn.LSTMCell, step: Step, dh: Tensor) -> Tensor:
     return dh.to(dtype) * torch.sigmoid(pre_o) * (1 - tc * tc)
 
 
-def build_step_report(seq: StepSequence) -> ModuleReport:
+def build_step_report(seq: StepSequence, thresholds: Thresholds | None = None) -> ModuleReport:
     """Reduce the hooked per-step gradients of one sequence to a report."""
     T = len(seq.steps)
     first = next((s.x for s in seq.steps if s.x is not None), None)
@@ -183,7 +185,7 @@ def build_step_report(seq: StepSequence) -> ModuleReport:
                 via_h = _lstm_cell_path(seq.module, st, total_h)
                 dc = via_h if dc is None else dc.to(via_h.dtype) + via_h
             cell[0, 0, t] = _norms(dc, like).mean()
-    return ModuleReport(
+    report = ModuleReport(
         name=seq.name,
         module_name=seq.module_name,
         kind=seq.kind,
@@ -197,3 +199,7 @@ def build_step_report(seq: StepSequence) -> ModuleReport:
         source="hooks",
         received_gradient=received,
     )
+    stats = {"total": total, "carried": carried}
+    if is_lstm:
+        stats["cell_total"] = cell
+    return diagnose(report, stepwise_quantities(stats), thresholds or Thresholds(), [False])
