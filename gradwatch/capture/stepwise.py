@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.capture.stats import sample_norms
-from gradwatch.quantities import stepwise_quantities
+from gradwatch.quantities import stepwise_quantities, to_host
 from gradwatch.report import ModuleReport
 from gradwatch.verdicts import Thresholds, diagnose
 
@@ -105,7 +105,8 @@ def _accumulate(slots: list[Tensor | None], i: int, grad: Tensor) -> None:
 def _norms(x: Tensor | None, like: Tensor) -> Tensor:
     """Per-sample norms of a step gradient; zeros where no gradient arrived."""
     if x is None:
-        return torch.zeros(like.shape[0] if like.dim() > 1 else 1, dtype=torch.float64)
+        size = like.shape[0] if like.dim() > 1 else 1
+        return torch.zeros(size, dtype=torch.float64, device=like.device)
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return sample_norms(x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1))
 
@@ -145,10 +146,13 @@ def _lstm_cell_path(cell: nn.LSTMCell, step: Step, dh: Tensor) -> Tensor:
 
 
 def build_step_report(seq: StepSequence, thresholds: Thresholds | None = None) -> ModuleReport:
-    """Reduce the hooked per-step gradients of one sequence to a report."""
+    """Reduce the hooked per-step gradients of one sequence to a report.
+
+    Per-step values stay on the gradients' device; all of them reach the host in one copy.
+    """
     T = len(seq.steps)
     first = next((s.x for s in seq.steps if s.x is not None), None)
-    total, carried, direct, cell = (torch.zeros(1, 1, T) for _ in range(4))
+    columns: dict[str, list[Tensor]] = {"total": [], "carried": [], "direct": [], "cell_total": []}
     batch = torch.zeros(T, dtype=torch.int64)
     received = False
     is_lstm = seq.kind == "LSTMCell"
@@ -169,12 +173,12 @@ def build_step_report(seq: StepSequence, thresholds: Thresholds | None = None) -
         received = received or total_h is not None
         n_total = _norms(total_h, like)
         batch[t] = n_total.shape[0]
-        total[0, 0, t] = n_total.mean()
-        direct[0, 0, t] = _norms(direct_h, like).mean()
+        columns["total"].append(n_total.mean())
+        columns["direct"].append(_norms(direct_h, like).mean())
         n_carried = _norms(carried_h, like)
         for extra in st.carried[1:]:
             n_carried = torch.hypot(n_carried, _norms(extra, like))
-        carried[0, 0, t] = n_carried.mean()
+        columns["carried"].append(n_carried.mean())
         if is_lstm:
             dc = st.total_c
             if (
@@ -184,22 +188,28 @@ def build_step_report(seq: StepSequence, thresholds: Thresholds | None = None) -
             ):
                 via_h = _lstm_cell_path(seq.module, st, total_h)
                 dc = via_h if dc is None else dc.to(via_h.dtype) + via_h
-            cell[0, 0, t] = _norms(dc, like).mean()
+            columns["cell_total"].append(_norms(dc, like).mean())
+    device = first.device if first is not None else torch.device("cpu")
+    stats = {
+        k: (torch.stack([v.to(device) for v in col]) if col else torch.zeros(T, device=device))
+        .float()
+        .view(1, 1, T)
+        for k, col in columns.items()
+        if k != "cell_total" or is_lstm
+    }
+    host = to_host({**stats, **stepwise_quantities(stats)})  # the only device-to-host copy
     report = ModuleReport(
         name=seq.name,
         module_name=seq.module_name,
         kind=seq.kind,
         num_layers=1,
         num_directions=1,
-        total=total,
-        carried=carried,
-        direct=direct,
-        cell_total=cell if is_lstm else None,
+        total=host.pop("total"),
+        carried=host.pop("carried"),
+        direct=host.pop("direct"),
+        cell_total=host.pop("cell_total", None),
         valid_samples=batch,
         source="hooks",
         received_gradient=received,
     )
-    stats = {"total": total, "carried": carried}
-    if is_lstm:
-        stats["cell_total"] = cell
-    return diagnose(report, stepwise_quantities(stats), thresholds or Thresholds(), [False])
+    return diagnose(report, host, thresholds or Thresholds(), [False])
