@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from gradwatch.capture.recurrences import LayerWeights, Recurrence, make_recurrence
 from gradwatch.capture.stats import sample_norms, step_mean
 from gradwatch.quantities import QuantityOptions, fused_quantities, to_host
+from gradwatch.quantities.causes import sampled_steps
 from gradwatch.report import ModuleReport
 from gradwatch.verdicts import Thresholds, diagnose
 
@@ -327,14 +328,25 @@ def replay(call: FusedCall, input_grad: bool = False) -> Replay:
         for d in range(num_dir):
             k = layer * num_dir + d
             rec = make_recurrence(mod.mode, weights[layer, d], reverse=d == 1)
-            y, hn, cn = rec.forward(layer_input, h0[k], None if c0 is None else c0[k], valid)
+            # the top layer's outputs are the call's outputs: visible, so every step can be
+            # computed from the real previous state at once
+            known = None
+            if layer == mod.num_layers - 1:
+                known = lay.out[..., d * out_size : (d + 1) * out_size]
+            cell0 = None if c0 is None else c0[k]
+            y, hn, cn = rec.forward(layer_input, h0[k], cell0, valid, known_out=known)
             recs[layer, d] = rec
             outs.append(y)
             h_n.append(hn)
             c_n.append(cn)
         layer_input = torch.cat(outs, dim=-1)
 
-    replayed, real = [layer_input, torch.stack(h_n)], [lay.out, _real_state(call.h_n, lay, dtype)]
+    # Fidelity on every final state and on up to 32 evenly spaced output steps: a forward that
+    # differs from the replay's deviates everywhere, and the full comparison costs as much as
+    # several replay passes.
+    probe = sampled_steps(steps, device) if steps else slice(None)
+    replayed = [layer_input[probe], torch.stack(h_n)]
+    real = [lay.out[probe], _real_state(call.h_n, lay, dtype)]
     if call.c_n is not None:
         replayed.append(torch.stack(c_n))
         real.append(_real_state(call.c_n, lay, dtype))

@@ -91,12 +91,23 @@ class Recurrence:
     def __init__(self, weights: LayerWeights, reverse: bool) -> None:
         self.w = weights
         self.reverse = reverse
-        self._from_state = right_product(weights.w_hh)  # h -> h @ W_hh^T
-        self._to_state = right_product(weights.w_hh.t())  # d_a -> d_a @ W_hh
+        self._packed: dict[str, Callable[[Tensor], Tensor]] = {}
         self.hidden_size = weights.w_hh.shape[0] // self.gates
         self.steps = 0
 
     # -- helpers ---------------------------------------------------------------------------
+    def _from_state(self, h: Tensor) -> Tensor:
+        """``h @ W_hh^T`` (weights packed on first use)."""
+        if "from" not in self._packed:
+            self._packed["from"] = right_product(self.w.w_hh)
+        return self._packed["from"](h)
+
+    def _to_state(self, d_a: Tensor) -> Tensor:
+        """``d_a @ W_hh``."""
+        if "to" not in self._packed:
+            self._packed["to"] = right_product(self.w.w_hh.t())
+        return self._packed["to"](d_a)
+
     def order(self, steps: int) -> range:
         """Time indices in the order the forward pass visits them."""
         return range(steps - 1, -1, -1) if self.reverse else range(steps)
@@ -134,9 +145,19 @@ class Recurrence:
 
     # -- interface -----------------------------------------------------------------------
     def forward(
-        self, x: Tensor, h0: Tensor, c0: Tensor | None, valid: Tensor | None
+        self,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor | None,
+        valid: Tensor | None,
+        known_out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Replay the layer. Returns (outputs [T, B, P] zero where invalid, h_n, c_n)."""
+        """Replay the layer. Returns (outputs [T, B, P] zero where invalid, h_n, c_n).
+
+        ``known_out`` are the layer's real outputs when they are visible (the top layer of a
+        call): a recurrence may then compute every step from the real previous state at
+        once instead of one step after the other.
+        """
         raise NotImplementedError
 
     def step_back(
@@ -209,7 +230,7 @@ class SimpleRecurrence(Recurrence):
         super().__init__(weights, reverse)
         self.relu = nonlinearity == "relu"
 
-    def forward(self, x, h0, c0, valid):
+    def forward(self, x, h0, c0, valid, known_out=None):
         xp = self.project_inputs(x)
         self.steps = x.shape[0]
         act = torch.relu if self.relu else torch.tanh
@@ -259,7 +280,9 @@ class LSTMRecurrence(Recurrence):
             LayerWeights(rows(w.w_ih), rows(w.w_hh), rows(w.b_ih), rows(w.b_hh), w.w_hr), reverse
         )
 
-    def forward(self, x, h0, c0, valid):
+    def forward(self, x, h0, c0, valid, known_out=None):
+        if known_out is not None and valid is None and self.w.w_hr is None:
+            return self._forward_known(x, h0, c0, known_out)
         xp = self.project_inputs(x)
         T, B, H = x.shape[0], x.shape[1], self.hidden_size
         self.steps = T
@@ -289,10 +312,20 @@ class LSTMRecurrence(Recurrence):
                 h_new = torch.mm(h_new, w_hr_t)
             h, c = _where(valid, t, h_new, h), _where(valid, t, c_new, c)
             outs[t], cells[t] = h, c
-        # c_prev[t]: the cell state step t started from (the neighbour in processing order)
-        c_prev = (
-            torch.cat([cells[1:], c0[None]]) if self.reverse else torch.cat([c0[None], cells[:-1]])
-        )
+        self._coefficients(acts, cells, tanh_c, c0)
+        out = outs if valid is None else outs * valid
+        return out, h, c
+
+    def _neighbours(self, seq: Tensor, first: Tensor) -> Tensor:
+        """``seq[t-1]`` (``seq[t+1]`` in reverse) for every step, ``first`` before the start."""
+        if self.reverse:
+            return torch.cat([seq[1:], first[None]])
+        return torch.cat([first[None], seq[:-1]])
+
+    def _coefficients(self, acts: Tensor, cells: Tensor, tanh_c: Tensor, c0: Tensor) -> None:
+        """Per-step backward coefficients for all steps at once (few whole-sequence passes:
+        these are memory-bound, and the replay is cheap only if they stay few)."""
+        H = self.hidden_size
         o, i, f, g = (
             acts[..., :H],
             acts[..., H : 2 * H],
@@ -300,11 +333,46 @@ class LSTMRecurrence(Recurrence):
             acts[..., 3 * H :],
         )
         self._acts, self._f = acts, f
-        self._k_c = o * (1 - tanh_c * tanh_c)  # dc += dm * k_c
-        self._k_o = tanh_c * o * (1 - o)  # d(pre-activation of o) = dm * k_o
-        self._k_ifg = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=-1)
-        out = outs if valid is None else outs * valid
-        return out, h, c
+        one = acts.new_ones(())
+        self._k_c = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)  # dc += dm * k_c
+        k_o = tanh_c * o
+        self._k_o = torch.addcmul(k_o, k_o, o, value=-1)  # d(pre-activation of o) = dm * k_o
+        k = acts.new_empty(*acts.shape[:-1], 3 * H)
+        k_i, k_f, k_g = k[..., :H], k[..., H : 2 * H], k[..., 2 * H :]
+        torch.addcmul(i, i, i, value=-1, out=k_i).mul_(g)  # g * i * (1 - i)
+        torch.addcmul(f, f, f, value=-1, out=k_f)  # f * (1 - f), times c_(t-1) below
+        # the cell state each step started from: the neighbour in processing order
+        first, rest = (
+            (slice(-1, None), slice(None, -1)) if self.reverse else (slice(0, 1), slice(1, None))
+        )
+        neighbours = cells[1:] if self.reverse else cells[:-1]
+        k_f[rest].mul_(neighbours)
+        k_f[first].mul_(c0)
+        torch.addcmul(one, g, g, value=-1, out=k_g).mul_(i)  # i * (1 - g^2)
+        self._k_ifg = k
+
+    def _forward_known(self, x: Tensor, h0: Tensor, c0: Tensor, known_out: Tensor):
+        """Every step from the real previous output at once: one large matrix product for
+        all pre-activations and whole-sequence elementwise ops; only the cell-state scan
+        ``c_t = f_t c_(t-1) + i_t g_t`` (one fused op per step) stays sequential."""
+        T, B, H = x.shape[0], x.shape[1], self.hidden_size
+        self.steps = T
+        pre = self.project_inputs(x).view(T * B, 4 * H)
+        h_prev = self._neighbours(known_out, h0).reshape(T * B, -1)
+        pre.addmm_(h_prev, self.w.w_hh.t())
+        acts = pre.view(T, B, 4 * H)
+        acts[..., : 3 * H].sigmoid_()
+        acts[..., 3 * H :].tanh_()
+        ig = acts[..., H : 2 * H] * acts[..., 3 * H :]
+        f = acts[..., 2 * H : 3 * H]
+        cells = torch.empty_like(ig)
+        c = c0
+        for t in self.order(T):
+            c = torch.addcmul(ig[t], f[t], c, out=cells[t])
+        tanh_c = torch.tanh(cells)
+        outs = acts[..., :H] * tanh_c
+        self._coefficients(acts, cells, tanh_c, c0)
+        return outs, c.new_empty(0) if T == 0 else outs[self.order(T)[-1]], c
 
     def step_back(self, t, dh, dc, valid):
         H = self.hidden_size
@@ -315,6 +383,38 @@ class LSTMRecurrence(Recurrence):
         d_a = _zero_invalid(valid, t, d_a)
         dc_prev = _zero_invalid(valid, t, dc_total * self._f[t])
         return d_a, self._to_state(d_a), dc_prev, dc_total
+
+    def backward(self, direct, dh_n, dc_n, last, valid, input_grad=True):
+        if valid is not None or self.w.w_hr is not None:
+            return super().backward(direct, dh_n, dc_n, last, valid, input_grad)
+        # Every sequence covers every step: the generic walk with each step's results
+        # written straight into whole-sequence buffers (no per-step allocation, no stacking).
+        T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
+        if dh_n is not None:
+            direct = direct + last * dh_n
+        total_h, carried_h = torch.empty_like(direct), torch.empty_like(direct)
+        total_c, carried_c = direct.new_empty(T, B, H), direct.new_empty(T, B, H)
+        d_a = direct.new_empty(T, B, 4 * H)
+        visit = list(reversed(self.order(T)))
+        if T:  # nothing arrives at the last step from beyond it
+            carried_h[visit[0]].zero_()
+            carried_c[visit[0]].zero_()
+        for n, t in enumerate(visit):
+            dh = torch.add(direct[t], carried_h[t], out=total_h[t])
+            # the final cell-state gradient enters at the first visited step (the last one)
+            dc = dc_n if n == 0 and dc_n is not None else carried_c[t]
+            dc_total = torch.addcmul(dc, dh, self._k_c[t], out=total_c[t])
+            torch.mul(dh, self._k_o[t], out=d_a[t, :, :H])
+            d_ifg = d_a[t, :, H:].view(B, 3, H)
+            torch.mul(dc_total.unsqueeze(1), self._k_ifg[t].view(B, 3, H), out=d_ifg)
+            if n + 1 < T:
+                t_next = visit[n + 1]
+                torch.mul(dc_total, self._f[t], out=carried_c[t_next])
+                carried_h[t_next] = self._to_state(d_a[t])
+        grad_input = None
+        if input_grad:
+            grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
+        return BackwardResult(total_h, direct, carried_h, carried_c, total_c, grad_input)
 
     # rows are in (o, i, f, g) order here
     def candidate_block(self):
@@ -343,7 +443,7 @@ class GRURecurrence(Recurrence):
 
     gates = 3
 
-    def forward(self, x, h0, c0, valid):
+    def forward(self, x, h0, c0, valid, known_out=None):
         xp = self.project_inputs(x, fold_hh_bias=False)
         self.steps = x.shape[0]
         H = self.hidden_size
