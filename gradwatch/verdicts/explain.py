@@ -98,7 +98,10 @@ def explain(
         return Explanation(verdict, "none", text, layer, d)
     cause, reason = _cause(report, verdict, layer, d)
     text = f"{name} {where_txt}: {verdict} gradients: {measured}. Dominant cause: {reason}."
-    return Explanation(verdict, cause, text, layer, d, REMEDIES.get(cause, ()))
+    remedies = REMEDIES.get(cause, ())
+    if report.kind not in ("RNN_TANH", "RNN_RELU", "RNNCell", "custom"):  # already gated
+        remedies = tuple(r for r in remedies if "gated cell" not in r)
+    return Explanation(verdict, cause, text, layer, d, remedies)
 
 
 def _cause(report: ModuleReport, verdict: str, layer: int, d: int) -> tuple[str, str]:
