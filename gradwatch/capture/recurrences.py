@@ -291,19 +291,22 @@ class LSTMRecurrence(Recurrence):
         tanh_c, cells = xp.new_empty(T, B, H), xp.new_empty(T, B, H)
         outs = xp.new_empty(T, B, h0.shape[-1])
         h, c = h0, c0
+        xp_t, acts_t, cells_t, tanh_c_t, outs_t = (
+            z.unbind() for z in (xp, acts, cells, tanh_c, outs)
+        )
         for t in self.order(T):
-            a = self._from_state(h).add_(xp[t])
-            at = acts[t]
+            a = self._from_state(h).add_(xp_t[t])
+            at = acts_t[t]
             torch.sigmoid(a[:, : 3 * H], out=at[:, : 3 * H])
             torch.tanh(a[:, 3 * H :], out=at[:, 3 * H :])
             o, i, f, g = at[:, :H], at[:, H : 2 * H], at[:, 2 * H : 3 * H], at[:, 3 * H :]
             if valid is None:  # write straight into the trajectory buffers
-                c = torch.addcmul(f * c, i, g, out=cells[t])
-                torch.tanh(c, out=tanh_c[t])
+                c = torch.addcmul(f * c, i, g, out=cells_t[t])
+                torch.tanh(c, out=tanh_c_t[t])
                 if w_hr_t is None:
-                    h = torch.mul(o, tanh_c[t], out=outs[t])
+                    h = torch.mul(o, tanh_c_t[t], out=outs_t[t])
                 else:
-                    h = torch.mm(o * tanh_c[t], w_hr_t, out=outs[t])
+                    h = torch.mm(o * tanh_c_t[t], w_hr_t, out=outs_t[t])
                 continue
             c_new = torch.addcmul(f * c, i, g)
             torch.tanh(c_new, out=tanh_c[t])
@@ -366,9 +369,10 @@ class LSTMRecurrence(Recurrence):
         ig = acts[..., H : 2 * H] * acts[..., 3 * H :]
         f = acts[..., 2 * H : 3 * H]
         cells = torch.empty_like(ig)
+        ig_t, f_t, cells_t = ig.unbind(), f.unbind(), cells.unbind()
         c = c0
         for t in self.order(T):
-            c = torch.addcmul(ig[t], f[t], c, out=cells[t])
+            c = torch.addcmul(ig_t[t], f_t[t], c, out=cells_t[t])
         tanh_c = torch.tanh(cells)
         outs = acts[..., :H] * tanh_c
         self._coefficients(acts, cells, tanh_c, c0)
@@ -378,8 +382,10 @@ class LSTMRecurrence(Recurrence):
         H = self.hidden_size
         dm = dh if self.w.w_hr is None else torch.mm(dh, self.w.w_hr)
         dc_total = torch.addcmul(dc, dm, self._k_c[t])
-        d_ifg = dc_total.unsqueeze(1) * self._k_ifg[t].view(-1, 3, H)
-        d_a = torch.cat([dm * self._k_o[t], d_ifg.flatten(1)], dim=1)
+        d_a = dm.new_empty(dm.shape[0], 4 * H)
+        torch.mul(dm, self._k_o[t], out=d_a[:, :H])
+        d_ifg = d_a[:, H:].view(-1, 3, H)
+        torch.mul(dc_total.unsqueeze(1), self._k_ifg[t].view(-1, 3, H), out=d_ifg)
         d_a = _zero_invalid(valid, t, d_a)
         dc_prev = _zero_invalid(valid, t, dc_total * self._f[t])
         return d_a, self._to_state(d_a), dc_prev, dc_total
@@ -388,33 +394,41 @@ class LSTMRecurrence(Recurrence):
         if valid is not None or self.w.w_hr is not None:
             return super().backward(direct, dh_n, dc_n, last, valid, input_grad)
         # Every sequence covers every step: the generic walk with each step's results
-        # written straight into whole-sequence buffers (no per-step allocation, no stacking).
+        # written straight into whole-sequence buffers, and per-step views taken once
+        # (``unbind``) rather than indexed step by step: at small sizes the replay is bound
+        # by the number of operations, not by arithmetic.
         T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
         if dh_n is not None:
             direct = direct + last * dh_n
-        total_h, carried_h = torch.empty_like(direct), torch.empty_like(direct)
+        total_h = torch.empty_like(direct)
         total_c, carried_c = direct.new_empty(T, B, H), direct.new_empty(T, B, H)
         d_a = direct.new_empty(T, B, 4 * H)
+        d_a_o, d_a_ifg = d_a[..., :H].unbind(), d_a[..., H:].view(T, B, 3, H).unbind()
+        k_c, k_o, f = self._k_c.unbind(), self._k_o.unbind(), self._f.unbind()
+        k_ifg = self._k_ifg.view(T, B, 3, H).unbind()
+        direct_t, total_h_t, total_c_t = direct.unbind(), total_h.unbind(), total_c.unbind()
+        carried_c_t = carried_c.unbind()
         visit = list(reversed(self.order(T)))
+        carried_h: list[Tensor] = [direct.new_empty(0)] * T
+        carry_h = direct.new_zeros(B, direct.shape[2])
         if T:  # nothing arrives at the last step from beyond it
-            carried_h[visit[0]].zero_()
-            carried_c[visit[0]].zero_()
+            carried_c_t[visit[0]].zero_()
         for n, t in enumerate(visit):
-            dh = torch.add(direct[t], carried_h[t], out=total_h[t])
+            carried_h[t] = carry_h
+            dh = torch.add(direct_t[t], carry_h, out=total_h_t[t])
             # the final cell-state gradient enters at the first visited step (the last one)
-            dc = dc_n if n == 0 and dc_n is not None else carried_c[t]
-            dc_total = torch.addcmul(dc, dh, self._k_c[t], out=total_c[t])
-            torch.mul(dh, self._k_o[t], out=d_a[t, :, :H])
-            d_ifg = d_a[t, :, H:].view(B, 3, H)
-            torch.mul(dc_total.unsqueeze(1), self._k_ifg[t].view(B, 3, H), out=d_ifg)
+            dc = dc_n if n == 0 and dc_n is not None else carried_c_t[t]
+            dc_total = torch.addcmul(dc, dh, k_c[t], out=total_c_t[t])
+            torch.mul(dh, k_o[t], out=d_a_o[t])
+            torch.mul(dc_total.unsqueeze(1), k_ifg[t], out=d_a_ifg[t])
             if n + 1 < T:
-                t_next = visit[n + 1]
-                torch.mul(dc_total, self._f[t], out=carried_c[t_next])
-                carried_h[t_next] = self._to_state(d_a[t])
+                torch.mul(dc_total, f[t], out=carried_c_t[visit[n + 1]])
+                carry_h = self._to_state(d_a[t])
         grad_input = None
         if input_grad:
             grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
-        return BackwardResult(total_h, direct, carried_h, carried_c, total_c, grad_input)
+        stacked = torch.stack(carried_h) if T else torch.empty_like(direct)
+        return BackwardResult(total_h, direct, stacked, carried_c, total_c, grad_input)
 
     # rows are in (o, i, f, g) order here
     def candidate_block(self):

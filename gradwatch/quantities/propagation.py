@@ -51,6 +51,8 @@ class Propagation:
 
 def _walk(rec: Recurrence, valid: Tensor | None, last: Tensor, probe: list[Tensor]) -> Tensor:
     """log ||v|| at every state ``h_t`` (``[T, B]``), the probe injected where ``last``."""
+    if valid is None:
+        return _walk_full(rec, probe)
     steps = rec.steps
     valid3 = None if valid is None else valid.unsqueeze(-1)
     acc = probe[0].new_zeros(probe[0].shape[0], dtype=torch.float64)
@@ -72,6 +74,28 @@ def _walk(rec: Recurrence, valid: Tensor | None, last: Tensor, probe: list[Tenso
         v = [
             torch.where(active.unsqueeze(-1), x / scale, old) for x, old in zip(new, v, strict=True)
         ]
+    return logs
+
+
+def _walk_full(rec: Recurrence, probe: list[Tensor]) -> Tensor:
+    """:func:`_walk` when every sequence covers every step: all probes start at the first
+    visited step, so no masking is needed; the per-step log norms are summed afterwards."""
+    steps = rec.steps
+    visit = list(reversed(rec.order(steps)))
+    log_norms = probe[0].new_zeros(steps, probe[0].shape[0], dtype=torch.float64)
+    v = list(probe)
+    tiny = torch.finfo(v[0].dtype).tiny
+    for n, t in enumerate(visit[:-1]):
+        _, dh_prev, dc_prev, _ = rec.step_back(t, v[0], v[1] if len(v) > 1 else None, None)
+        new = [dh_prev] if dc_prev is None else [dh_prev, dc_prev]
+        norms = [torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64) for x in new]
+        norm = norms[0] if len(norms) == 1 else torch.hypot(norms[0], norms[1])
+        torch.log(norm, out=log_norms[n + 1])
+        scale = norm.to(new[0].dtype).clamp_(min=tiny).unsqueeze(-1)
+        v = [x / scale for x in new]
+    cumulative = log_norms.cumsum(0)  # in visiting order: log a(k) at visit[k]
+    logs = torch.empty_like(cumulative)
+    logs[torch.tensor(visit, device=logs.device)] = cumulative
     return logs
 
 
