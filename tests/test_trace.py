@@ -292,3 +292,24 @@ def test_selectors_and_argument_checks():
         pass
     with pytest.raises(GradwatchError, match="only once"), tr:
         pass
+
+
+def test_replay_runs_in_float32_inside_a_bf16_autocast_region():
+    """The replay is called at the end of backward, possibly under autocast: it must not
+    compute in bf16. Same call, replayed inside and outside autocast: identical numbers."""
+    from gradwatch.capture.fused import record_fused_call, replay_fused_call
+
+    torch.manual_seed(7)
+    lstm = nn.LSTM(4, 16, num_layers=2)
+    x = torch.randn(12, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h_n, c_n) = lstm(x)
+    call = record_fused_call("lstm", "lstm", lstm, (x,), {}, (out, (h_n, c_n)))
+    grads = torch.autograd.grad(out.float().pow(2).sum(), [out, h_n, c_n], allow_unused=True)
+    call.grads = {k: g for k, g in zip(("out", "h_n", "c_n"), grads, strict=True) if g is not None}
+    plain = replay_fused_call(call)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = replay_fused_call(call)
+    for field in ("total", "carried", "direct", "cell_total", "gain", "horizon"):
+        assert torch.equal(getattr(plain, field), getattr(inside, field)), field
+    assert not plain.exact and "bfloat16" in plain.approximate_reason

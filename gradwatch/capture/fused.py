@@ -293,7 +293,15 @@ def replay(call: FusedCall, input_grad: bool = False) -> Replay:
     """Replay the forward trajectory and the backward walk of one call.
 
     ``input_grad`` also computes dL/dx of the bottom layer (used to validate the replay).
+    The replay runs in the weights' own precision (float32 or float64) even when called
+    inside an autocast region (the end of a backward pass under AMP), and records no graph.
     """
+    device_type = call.weights[0].device.type if call.weights else "cpu"
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        return _replay(call, input_grad)
+
+
+def _replay(call: FusedCall, input_grad: bool) -> Replay:
     mod = call.module
     dtype = torch.float64 if call.weights[0].dtype == torch.float64 else torch.float32
     lay = _to_layout(call, dtype)

@@ -358,12 +358,18 @@ class LSTMRecurrence(Recurrence):
         """Every step from the real previous output at once: one large matrix product for
         all pre-activations and whole-sequence elementwise ops; only the cell-state scan
         ``c_t = f_t c_(t-1) + i_t g_t`` (one fused op per step) stays sequential."""
-        T, B, H = x.shape[0], x.shape[1], self.hidden_size
+        T, H = x.shape[0], self.hidden_size
         self.steps = T
-        pre = self.project_inputs(x).view(T * B, 4 * H)
-        h_prev = self._neighbours(known_out, h0).reshape(T * B, -1)
-        pre.addmm_(h_prev, self.w.w_hh.t())
-        acts = pre.view(T, B, 4 * H)
+        acts = self.project_inputs(x)
+        # + h_(t-1) W_hh^T: the real previous outputs, and h0 where the sequence starts
+        w_t = self.w.w_hh.t()
+        head, body, known = (
+            (acts[-1], acts[:-1], known_out[1:])
+            if self.reverse
+            else (acts[0], acts[1:], known_out[:-1])
+        )
+        body.view(-1, 4 * H).addmm_(known.reshape(-1, known.shape[-1]), w_t)
+        head.addmm_(h0, w_t)
         acts[..., : 3 * H].sigmoid_()
         acts[..., 3 * H :].tanh_()
         ig = acts[..., H : 2 * H] * acts[..., 3 * H :]

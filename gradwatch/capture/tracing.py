@@ -20,8 +20,9 @@ from gradwatch.capture.fused import FusedCall, output_tensors, record_fused_call
 from gradwatch.capture.stepwise import Step, StepSequence, build_step_report, consumes
 from gradwatch.errors import BackwardNotRunError, GradwatchError, NoRecurrentModuleError
 from gradwatch.report import ModuleReport, Report
+from gradwatch.verdicts import Thresholds
 
-__all__ = ["Trace", "mark_state", "trace"]
+__all__ = ["Session", "Trace", "mark_state", "trace"]
 
 _ACTIVE: list[Trace] = []
 
@@ -41,8 +42,10 @@ class Trace:
         *,
         include: Iterable[Selector] | None = None,
         exclude: Iterable[Selector] | None = None,
+        thresholds: Thresholds | None = None,
     ) -> None:
         self.model = model
+        self.thresholds = thresholds
         self._targets = find_recurrent_modules(model, include, exclude)
         self._searched = sum(1 for _ in model.modules())
         self._module_handles: list[Any] = []
@@ -145,7 +148,7 @@ class Trace:
         for seq in self._all_sequences:
             if seq.name not in self._failures and seq.steps:
                 try:
-                    self._results[seq.name] = build_step_report(seq)
+                    self._results[seq.name] = build_step_report(seq, self.thresholds)
                 except Exception as e:  # monitoring must never crash training
                     self._failures[seq.name] = f"could not build the report: {e!r}"
 
@@ -206,7 +209,7 @@ class Trace:
             # compute in the weights' own precision, as documented.
             device = call.weights[0].device.type
             with torch.no_grad(), torch.autocast(device, enabled=False):
-                self._results[call.name] = replay_fused_call(call)
+                self._results[call.name] = replay_fused_call(call, self.thresholds)
             self._failures.pop(call.name, None)
         except Exception as e:  # monitoring must never crash training
             self._failures[call.name] = f"replay failed: {e!r}"
@@ -220,22 +223,24 @@ class Trace:
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
             state = None if hx is None else (hx if isinstance(hx, tuple) else (hx,))
             seq = self._sequences.get(module_name)
+            carry = None
             if not self._continues(seq, state):
                 seq = self._start_sequence(module_name, cell_kind(module) or "", module)
             elif state is not None:
                 assert seq is not None
-                views = seq.carried_views(state)
-                new_hx = views if isinstance(hx, tuple) else views[0]
-                if len(args) > 1:
-                    args = (args[0], new_hx, *args[2:])
-                else:
-                    kwargs = {**kwargs, "hx": new_hx}
+                # The carried part of the previous step is what this call sends back into
+                # the state it receives. It is read from this call's autograd nodes after the
+                # forward (see _hook_carried); the state itself is passed on untouched, so
+                # PyTorch sums the gradient contributions in the same order as without us.
+                inputs = (x, *state)
+                bound = max((t.grad_fn._sequence_nr() for t in inputs if t.grad_fn), default=-1)
+                carry = (seq.steps[-1], state, bound)
             step = Step(x=x.detach())
             if state is not None and len(state) == 2:
                 step.hx = (state[0].detach(), state[1].detach())
             seq.steps.append(step)
-            self._pending_cells[module] = (seq, step)
-            return args, kwargs
+            self._pending_cells[module] = (seq, step, carry)
+            return None
         except Exception as e:  # monitoring must never crash training
             self._failures[module_name] = f"could not record a cell step: {e!r}"
             return None
@@ -265,9 +270,11 @@ class Trace:
         pending = self._pending_cells.pop(module, None)
         if pending is None:
             return
-        seq, step = pending
+        seq, step, carry = pending
         try:
             h, c = output if isinstance(output, tuple) else (output, None)
+            if carry is not None:
+                self._hook_carried(seq, *carry, (h,) if c is None else (h, c))
             if step.hx is None and c is not None:  # LSTMCell started from zeros
                 step.hx = (torch.zeros_like(h.detach()), torch.zeros_like(c.detach()))
             self._hook_step(seq, h, step, "total_h")
@@ -278,6 +285,62 @@ class Trace:
             seq.outputs = (h,) if c is None else (h, c)
         except Exception as e:  # monitoring must never crash training
             self._failures[module_name] = f"could not record a cell step: {e!r}"
+
+    def _hook_carried(
+        self,
+        seq: StepSequence,
+        prev: Step,
+        state: tuple[Tensor, ...],
+        bound: int,
+        outputs: tuple[Tensor, ...],
+    ) -> None:
+        """Hook the autograd nodes of one cell call that read the state it received.
+
+        The nodes created by the call are those reachable from its outputs with a sequence
+        number above ``bound`` (every input was made before the call). A post-hook on each
+        node that consumes a state tensor sees that node's gradient for it; their sum is the
+        carried part of the previous step. Post-hooks only observe: no value, no order of
+        accumulation changes.
+        """
+        prev.carried = [None] * len(state)
+        targets = {
+            (id(t.grad_fn), t.output_nr): i
+            for i, t in enumerate(state)
+            if t.requires_grad and t.grad_fn is not None
+        }
+        if not targets:
+            return
+        seen: set[int] = set()
+        frontier = [o.grad_fn for o in outputs if o.grad_fn is not None]
+        while frontier:
+            node = frontier.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            edges = []
+            for k, (child, nr) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                slot = targets.get((id(child), nr))
+                if slot is not None:
+                    edges.append((k, slot))
+                elif child._sequence_nr() > bound and id(child) not in seen:
+                    frontier.append(child)
+            if edges:
+                seq.handles.append(node.register_hook(partial(self._on_carried, seq, prev, edges)))
+
+    def _on_carried(self, seq: StepSequence, prev: Step, edges, grad_inputs, grad_outputs):
+        try:
+            for k, slot in edges:
+                g = grad_inputs[k]
+                if g is not None:
+                    g = g.detach().clone()
+                    old = prev.carried[slot]
+                    prev.carried[slot] = g if old is None else old + g
+            if seq.on_grad is not None:
+                seq.on_grad()
+        except Exception:  # monitoring must never crash training: the step reads zero
+            pass
 
     def _hook_step(self, seq: StepSequence, tensor: Tensor, step: Step, slot: str) -> None:
         if tensor.requires_grad:
@@ -301,11 +364,248 @@ class Trace:
         return out, (views if isinstance(state, tuple) else views[0])
 
 
+class Session(Trace):
+    """A long-lived, reusable trace for training loops: one *window* per optimizer step.
+
+    Used by :class:`gradwatch.Monitor` and the Lightning callback; most users do not need it.
+    Hooks stay registered between :meth:`attach` and :meth:`detach`. For every window the
+    owner sets a plan (:meth:`plan`): with ``capture`` every fused call is recorded and every
+    cell step and marked state hooked, so that :meth:`finish` can return exact reports; with
+    only ``retain`` fused calls are recorded (references plus a copy of their output
+    gradients) so that the window can still be replayed if :meth:`finish` is asked to, while
+    cells and marked states are left alone; with neither, the hooks on the fused outputs only
+    accumulate the norm of the gradient injected into each watched module (on the device, no
+    host synchronisation), which :meth:`take_injected` returns.
+
+    Nothing is replayed at the end of a backward pass: the replay happens in :meth:`finish`,
+    which must be called before the optimizer changes the weights. Calls are named per
+    micro-batch (the first forward after a completed backward starts a new one), so the k-th
+    call of a module gets the same key in every micro-batch of a window.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: Iterable[Selector] | None = None,
+        exclude: Iterable[Selector] | None = None,
+        thresholds: Thresholds | None = None,
+    ) -> None:
+        super().__init__(model, include=include, exclude=exclude, thresholds=thresholds)
+        self._state = "session"
+        self.names: list[str] = [n for n, _ in self._targets]
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._by_module: dict[str, list[Any]] = {}
+        self._root_handle: Any = None
+        self._attached = False
+        self._capture = False
+        self._retain = False
+        self.disabled: dict[str, str] = {}
+        self._injected: list[Tensor | None] = [None] * len(self.names)
+        self._boundary = False  # a backward pass completed since the last recorded call
+        self._mb_counts: dict[str, int] = {}
+        self._key_of: dict[str, str] = {}  # unique call name -> per-micro-batch key
+        self._module_of: dict[str, str] = {}  # call name -> module (or mark) name
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        raise GradwatchError("a gradwatch Session is driven by attach()/finish(), not `with`")
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def attach(self) -> None:
+        """Register the module hooks (idempotent)."""
+        if self._attached:
+            return
+        if not isinstance(self.model, RECURRENT_TYPES):
+            self._root_handle = self.model.register_forward_pre_hook(self._on_root_forward)
+        for name, module in self._targets:
+            if name not in self.disabled:
+                self._hook_module(name, module)
+        _ACTIVE.append(self)
+        self._attached = True
+
+    def _hook_module(self, name: str, module: nn.Module) -> None:
+        hs = self._by_module.setdefault(name, [])
+        if isinstance(module, nn.RNNBase):
+            hs.append(module.register_forward_hook(partial(self._on_fused, name), with_kwargs=True))
+        else:
+            pre = partial(self._on_cell_pre, name)
+            hs.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            hs.append(module.register_forward_hook(partial(self._on_cell, name), with_kwargs=True))
+
+    def detach(self) -> None:
+        """Remove the module hooks; what was recorded in the current window is kept."""
+        for hs in self._by_module.values():
+            for h in hs:
+                h.remove()
+        self._by_module.clear()
+        if self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        self._attached = False
+
+    def close(self) -> None:
+        """Remove every hook and release every recorded tensor."""
+        self.detach()
+        self._release()
+        self._injected = [None] * len(self.names)
+
+    def disable(self, name: str, reason: str) -> None:
+        """Stop watching one module (or marked-state name) for the rest of the session."""
+        self.disabled.setdefault(name, reason)
+        for h in self._by_module.pop(name, []):
+            h.remove()
+
+    def plan(self, *, capture: bool, retain: bool = False) -> None:
+        """Set what the next window records (see the class docstring)."""
+        self._capture = bool(capture)
+        self._retain = bool(capture or retain)
+
+    @property
+    def capturing(self) -> bool:
+        return self._capture
+
+    # -- cheap signal ------------------------------------------------------------------------
+    def take_injected(self) -> list[Tensor | None]:
+        """Per watched module, the L2 norm (float64, on the gradients' device) of every
+        gradient that reached its outputs since the last call; ``None`` where none did."""
+        out, self._injected = self._injected, [None] * len(self.names)
+        return out
+
+    def _add_injected(self, module_name: str, grad: Tensor) -> None:
+        i = self._index.get(module_name)
+        if i is None:
+            return
+        n = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
+        old = self._injected[i]
+        self._injected[i] = n if old is None else torch.hypot(old, n)
+
+    def _on_light_grad(self, module_name: str, grad: Tensor | None) -> None:
+        if grad is None:
+            return
+        try:
+            self._add_injected(module_name, grad)
+            self._queue_finish()
+        except Exception as e:  # monitoring must never crash training
+            self._failures.setdefault(module_name, f"could not measure a gradient: {e!r}")
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _new_name(self, base: str) -> str:
+        if self._boundary:  # first recorded call of a new micro-batch
+            self._boundary = False
+            self._mb_counts.clear()
+            self._sequences = {}
+            self._forward_index += 1
+        name = super()._new_name(base)
+        k = self._mb_counts.get(base, 0)
+        self._mb_counts[base] = k + 1
+        self._key_of[name] = base if k == 0 else f"{base}#{k}"
+        self._module_of[name] = base
+        return name
+
+    def _on_fused(self, module_name: str, module: nn.RNNBase, args, kwargs, output) -> None:
+        if module_name in self.disabled or not torch.is_grad_enabled():
+            return
+        if self._retain:
+            super()._on_fused(module_name, module, args, kwargs, output)
+            return
+        try:
+            for tensor in output_tensors(output).values():
+                tensor.register_hook(partial(self._on_light_grad, module_name))
+        except Exception as e:  # monitoring must never crash training
+            self._failures.setdefault(module_name, f"could not hook the outputs: {e!r}")
+
+    def _on_fused_grad(self, call: FusedCall, slot: str, grad: Tensor | None) -> None:
+        if grad is None:
+            return
+        try:
+            self._add_injected(call.module_name, grad)
+        except Exception as e:  # monitoring must never crash training
+            self._failures.setdefault(call.module_name, f"could not measure a gradient: {e!r}")
+        super()._on_fused_grad(call, slot, grad)
+
+    def _finish_backward(self) -> None:
+        # Only mark the micro-batch boundary: the replay waits for finish().
+        self._callback_queued = False
+        self._boundary = True
+
+    def _on_step_grad(self) -> None:
+        super()._on_step_grad()
+        self._queue_finish()
+
+    def _on_cell_pre(self, module_name: str, module: nn.Module, args, kwargs):
+        if not self._capture or module_name in self.disabled:
+            return None
+        return super()._on_cell_pre(module_name, module, args, kwargs)
+
+    def _on_cell(self, module_name: str, module: nn.Module, args, kwargs, output) -> None:
+        if module in self._pending_cells:
+            super()._on_cell(module_name, module, args, kwargs, output)
+
+    def _mark(self, name: str, state: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+        if not self._capture or name in self.disabled:
+            return (state[0] if isinstance(state, tuple) else state), state
+        return super()._mark(name, state)
+
+    # -- end of a window ---------------------------------------------------------------------
+    def finish(self, replay: bool) -> tuple[list[tuple[str, ModuleReport]], dict[str, str]]:
+        """Close the current window.
+
+        With ``replay``, every recorded call is replayed and every hooked sequence reduced;
+        returns ``[(key, report), ...]`` in call order, where ``key`` is the per-micro-batch
+        name (equal keys are calls to merge), and the failures by module name. Everything
+        recorded is released either way.
+        """
+        results: list[tuple[str, ModuleReport]] = []
+        failures: dict[str, str] = {}
+        try:
+            if replay and self._backward_seen:
+                for call in self._calls:
+                    if call.name not in self._failures:
+                        self._replay(call)
+                self._build_step_reports()
+                for name in self._order:
+                    if name in self._results:
+                        results.append((self._key_of.get(name, name), self._results[name]))
+            for name, why in self._failures.items():
+                failures.setdefault(self._module_of.get(name, name), why)
+        finally:
+            self._release()
+        return results, failures
+
+    def _release(self) -> None:
+        for call in self._calls:
+            call.release()
+        for seq in self._all_sequences:
+            seq.release()
+        self._calls = []
+        self._all_sequences = []
+        self._sequences = {}
+        self._pending_cells.clear()
+        self._results = {}
+        self._failures = {}
+        self._order = []
+        self._name_counts = {}
+        self._mb_counts = {}
+        self._key_of = {}
+        self._module_of = {}
+        self._dirty.clear()
+        self._backward_seen = False
+        self._boundary = False
+        self._forward_index += 1
+
+
 def trace(
     model: nn.Module,
     *,
     include: Iterable[Selector] | None = None,
     exclude: Iterable[Selector] | None = None,
+    thresholds: Thresholds | None = None,
 ) -> Trace:
     """Trace the exact per-timestep hidden-state gradients of ``model``'s recurrent modules.
 
@@ -327,11 +627,13 @@ def trace(
         include: Only watch modules whose qualified name matches one of these ``fnmatch``
             patterns or that are instances of one of these types.
         exclude: Do not watch modules matching one of these patterns or types.
+        thresholds: The :class:`gradwatch.verdicts.Thresholds` for the reports' verdicts
+            (default thresholds when ``None``).
 
     Raises:
         UnsupportedModuleError: a watched module has a configuration that cannot be measured.
     """
-    return Trace(model, include=include, exclude=exclude)
+    return Trace(model, include=include, exclude=exclude, thresholds=thresholds)
 
 
 def mark_state(
