@@ -138,7 +138,7 @@ def profile_figure(m: ModuleReport, *, dpi: int = 80) -> Figure:
             ax.set_title(_panel_title(m, layer, direction), fontsize=8)
             ax.set_xlabel("timestep t", fontsize=7)
             ax.set_ylabel("||dL/dh_t||", fontsize=7)
-            ax.tick_params(labelsize=6)
+            ax.tick_params(which="both", labelsize=6)
             ax.legend(fontsize=6, loc="best")
     fig.suptitle(f"{m.name} ({m.kind}): per-timestep gradient, latest step", fontsize=9)
     return fig
