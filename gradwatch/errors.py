@@ -1,4 +1,4 @@
-"""Exceptions raised by gradwatch. All derive from :class:`GradwatchError`."""
+"""Exceptions raised by gradwatch. All derive from `GradwatchError`."""
 
 from __future__ import annotations
 

@@ -91,10 +91,10 @@ class ModuleReport:
     samples whose sequence covers ``t``. Non-finite values are kept as they are.
 
     Attributes:
-        name: Key in the :class:`Report`: the qualified module name as in
+        name: Key in the `Report`: the qualified module name as in
             ``model.named_modules()``, with ``#k`` appended for the k-th extra call
             (``"encoder.rnn"``, ``"encoder.rnn#1"``, ...), or the name given to
-            :func:`gradwatch.mark_state`.
+            `gradwatch.mark_state`.
         module_name: The qualified name without the call suffix.
         kind: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"``, ``"RNN_RELU"``, ``"LSTMCell"``,
             ``"GRUCell"``, ``"RNNCell"`` or ``"custom"``.
@@ -125,11 +125,11 @@ class ModuleReport:
         log10_attenuation: ``[L, D]`` log10 ``a`` over each whole sequence.
         actual_gain: ``[L, D]`` loss-weighted view: geometric mean over steps of
             ``carried[t] / total[t+1]`` (the actual gradient's per-step factor).
-        causes: The ingredients of the per-step factor, see :class:`Causes`.
-        verdicts: ``[L][D]`` verdict strings (see :data:`VERDICTS`).
+        causes: The ingredients of the per-step factor, see `Causes`.
+        verdicts: ``[L][D]`` verdict strings (see `VERDICTS`).
         verdict: The worst of ``verdicts``.
         nonfinite_at: Where the first non-finite gradient appeared in backward order.
-        explanation: The verdict's dominant cause, see :class:`Explanation`.
+        explanation: The verdict's dominant cause, see `Explanation`.
     """
 
     name: str
@@ -175,7 +175,7 @@ class ModuleReport:
 
 @dataclass(frozen=True)
 class Report(Mapping[str, ModuleReport]):
-    """Read-only mapping from call name to :class:`ModuleReport`, in call order.
+    """Read-only mapping from call name to `ModuleReport`, in call order.
 
     ``failures`` maps a call or module name to the reason it could not be measured.
     """
@@ -199,7 +199,7 @@ class Report(Mapping[str, ModuleReport]):
         return len(self.modules)
 
     def raise_failures(self) -> None:
-        """Raise :class:`CaptureError` listing every failure, if there is any."""
+        """Raise `CaptureError` listing every failure, if there is any."""
         if self.failures:
             lines = "\n".join(f"  {name}: {why}" for name, why in self.failures.items())
             raise CaptureError(f"gradwatch could not measure some recurrent modules:\n{lines}")

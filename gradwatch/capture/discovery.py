@@ -62,7 +62,7 @@ def find_recurrent_modules(
     """Every recurrent module of ``model`` (fused modules and cells, subclasses included).
 
     ``include`` / ``exclude`` take qualified-name patterns (``"encoder.*"``) or module types.
-    Raises :class:`UnsupportedModuleError` naming the module when one cannot be measured.
+    Raises `UnsupportedModuleError` naming the module when one cannot be measured.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gradwatch needs an nn.Module, got {type(model).__name__}")

@@ -4,7 +4,7 @@ A hook on a fused module's outputs sees only the gradient injected at each step 
 the gradient carried back through time exists only inside the kernel. So at forward time we
 keep references to the call's inputs, initial state, weights and outputs and put gradient
 hooks on the outputs (output sequence, ``h_n``, ``c_n``). After backward, the recurrence is
-replayed on detached copies with those gradients injected (:mod:`.recurrences`). The module's
+replayed on detached copies with those gradients injected (`.recurrences`). The module's
 forward is never replaced, so training is bit-identical with or without a trace.
 """
 

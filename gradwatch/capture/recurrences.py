@@ -1,6 +1,6 @@
 """Step equations of PyTorch's recurrent cells: forward replay and hand-written backward.
 
-One :class:`Recurrence` replays one layer and one direction of a fused ``nn.RNN``/``nn.LSTM``/
+One `Recurrence` replays one layer and one direction of a fused ``nn.RNN``/``nn.LSTM``/
 ``nn.GRU`` call on detached tensors. The forward pass recomputes the trajectory (and keeps
 what the backward needs); the backward pass injects the gradients observed at the module's
 outputs and walks the recurrence back step by step, exactly as autograd would through the
@@ -130,7 +130,7 @@ class Recurrence:
         return w if self.w.w_hr is None else w @ self.w.w_hr
 
     def candidate_block(self) -> Tensor:
-        """The square block of :meth:`recurrent_matrix` feeding the state nonlinearity."""
+        """The square block of `recurrent_matrix` feeding the state nonlinearity."""
         return self.recurrent_matrix()
 
     def forget_bias(self) -> Tensor | None:

@@ -2,7 +2,7 @@
 
 Figures are built with ``matplotlib.figure.Figure`` and rendered with the Agg canvas, never
 through ``pyplot``: no global figure registry to leak into, no GUI backend, safe in worker
-threads. :func:`render` turns a figure into an RGB array and releases it.
+threads. `render` turns a figure into an RGB array and releases it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Warnings a person can act on: what changed, where, what was measured, why, what to try.
 
-Framework-free on purpose: the functions return strings and :func:`warn_change` logs them
+Framework-free on purpose: the functions return strings and `warn_change` logs them
 on the ``gradwatch`` logger; the Lightning callback routes the same strings through
 ``rank_zero_warn`` so only rank zero speaks.
 """
@@ -196,7 +196,7 @@ def warn_change(
     direction: int | None = None,
     log: logging.Logger | None = None,
 ) -> str | None:
-    """Log :func:`change_message` on the ``gradwatch`` logger and return it.
+    """Log `change_message` on the ``gradwatch`` logger and return it.
 
     Call it once per change (``gradwatch.verdicts.VerdictTracker`` decides when, with
     hysteresis). A worse state is a WARNING, a recovery INFO; nothing happens (``None``)

@@ -108,7 +108,7 @@ class ClipEvent:
 
 
 def clip_scalars(event: ClipEvent | Mapping[str, float], prefix: str = PREFIX) -> dict[str, float]:
-    """``gradwatch/clip/*`` tags for one clipping event (a :class:`ClipEvent` or a mapping).
+    """``gradwatch/clip/*`` tags for one clipping event (a `ClipEvent` or a mapping).
 
     A mapping is taken key by key, so a clipper may report extra fields (``"z_score"``...).
     """

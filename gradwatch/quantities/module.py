@@ -69,7 +69,7 @@ def fused_quantities(
 
     ``stats`` are the per-step statistics (device ``[L, D, T]``) of the capture, ``keys`` the
     module's recurrent weight parameters (warm-start keys for the power iterations).
-    Returns device tensors (see :func:`to_host`): ``propagation`` ``[L, D, T]`` (log10),
+    Returns device tensors (see `to_host`): ``propagation`` ``[L, D, T]`` (log10),
     and ``[L, D]`` tensors ``gain``, ``horizon``, ``efold``, ``log10_attenuation``,
     ``actual_gain`` and the cause fields (``weight_norm``, ..., ``gate_mean/<gate>``, ...).
     """

@@ -2,7 +2,7 @@
 
 A unit cotangent is injected on the full recurrent state (``h``, and ``c`` for LSTM) at each
 sequence's last step and carried back through the recurrence only, step by step, with the
-replayed trajectory's own step Jacobians (:meth:`Recurrence.step_back`). The vector is
+replayed trajectory's own step Jacobians (`Recurrence.step_back`). The vector is
 renormalised at every step and the logarithms of the norms are accumulated, as the QR
 (Benettin) method for Lyapunov exponents does with one direction: the attenuation stays
 exact far below the float range (gain 0.3 over 500 steps is ~1e-261).
@@ -78,7 +78,7 @@ def _walk(rec: Recurrence, valid: Tensor | None, last: Tensor, probe: list[Tenso
 
 
 def _walk_full(rec: Recurrence, probe: list[Tensor]) -> Tensor:
-    """:func:`_walk` when every sequence covers every step: all probes start at the first
+    """`_walk` when every sequence covers every step: all probes start at the first
     visited step, so no masking is needed; the per-step log norms are summed afterwards."""
     steps = rec.steps
     visit = list(reversed(rec.order(steps)))

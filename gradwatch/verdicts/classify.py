@@ -14,7 +14,7 @@ __all__ = ["classify", "first_nonfinite", "worst"]
 
 
 def worst(verdicts: list[str] | tuple[str, ...]) -> str:
-    """The most severe verdict (order of :data:`~gradwatch.report.VERDICTS`)."""
+    """The most severe verdict (order of `VERDICTS`)."""
     return max(verdicts, key=VERDICTS.index, default="healthy")
 
 

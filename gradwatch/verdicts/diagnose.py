@@ -57,7 +57,7 @@ def diagnose(
 ) -> ModuleReport:
     """A copy of ``report`` with gain, horizon, causes, verdicts and explanation filled in.
 
-    ``quantities`` are host tensors from :mod:`gradwatch.quantities`; ``reverse_of[d]`` tells
+    ``quantities`` are host tensors from `gradwatch.quantities`; ``reverse_of[d]`` tells
     whether direction ``d`` runs backwards in time.
     """
     q = dict(quantities)

@@ -43,7 +43,7 @@ class VerdictTracker:
 
     A new verdict must be measured ``patience`` reports in a row before it replaces the
     current one, and leaving a verdict requires clearing its threshold by ``margin``
-    (see :class:`Thresholds`). Non-finite gradients are flagged at the first report.
+    (see `Thresholds`). Non-finite gradients are flagged at the first report.
     """
 
     def __init__(self, thresholds: Thresholds | None = None) -> None:

@@ -1,7 +1,7 @@
 """Optional gradient clipping: classical and adaptive strategies behind one framework-free Clipper.
 
 See ``docs/clipping.md``. Nothing here knows about Lightning: the callback hands the Clipper
-unscaled, reduced gradients and honours the returned :class:`ClipEvent`.
+unscaled, reduced gradients and honours the returned `ClipEvent`.
 """
 
 from gradwatch.outputs.clipping.clipper import ClipEvent, Clipper

@@ -31,7 +31,7 @@ _STATE_FORMAT = 1
 
 @dataclass
 class ClipEvent:
-    """What one :meth:`Clipper.clip` call did, for logs and for the caller's step decision.
+    """What one `Clipper.clip` call did, for logs and for the caller's step decision.
 
     ``reason`` is ``"always"``, ``"reactive: exploding"`` or, for a non-finite total norm,
     ``"nonfinite: skip"`` / ``"nonfinite: zero"`` / ``"nonfinite: leave"`` (the policy applied).
@@ -63,7 +63,7 @@ class Clipper:
 
     Args:
         strategy: ``"norm"``, ``"value"``, ``"autoclip"``, ``"zscore"``, ``"agc"`` (published
-            defaults) or a configured :class:`ClipStrategy`. One instance per Clipper: the
+            defaults) or a configured `ClipStrategy`. One instance per Clipper: the
             strategy holds the adaptive state.
         scope: which parameters the caller should pass: ``"all"`` or only those of the
             recurrent modules (``"recurrent"``). The Clipper does not select them itself.

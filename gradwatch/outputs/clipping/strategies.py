@@ -3,11 +3,11 @@
 A strategy is used in two steps, so that reactive clipping can keep adaptive statistics current
 on steps where nothing is clipped:
 
-1. :meth:`ClipStrategy.observe` takes the finite pre-clip total norm of one step, updates the
+1. `ClipStrategy.observe` takes the finite pre-clip total norm of one step, updates the
    strategy's state and returns the threshold in force for that step;
-2. :meth:`ClipStrategy.apply_` clips the gradients in place against that threshold.
+2. `ClipStrategy.apply_` clips the gradients in place against that threshold.
 
-Non-finite norms never reach a strategy (the :class:`~gradwatch.outputs.clipping.Clipper`
+Non-finite norms never reach a strategy (the `Clipper`
 handles them), so no state is ever updated with ``nan`` or ``inf``. Defaults are the published
 ones; see ``docs/clipping.md`` for the reasons and for what enters the adaptive histories.
 """
@@ -47,12 +47,12 @@ class ClipStrategy(ABC):
     """Base class: a threshold rule plus the in-place operation that enforces it."""
 
     name: ClassVar[str]
-    #: The norm the Clipper computes once per step and hands to :meth:`observe`.
+    #: The norm the Clipper computes once per step and hands to `observe`.
     norm_type: float = 2.0
 
     @property
     def warming_up(self) -> bool:
-        """Whether the next :meth:`observe` falls in the warm-up period (adaptive strategies)."""
+        """Whether the next `observe` falls in the warm-up period (adaptive strategies)."""
         return False
 
     @abstractmethod
@@ -80,7 +80,7 @@ class ClipStrategy(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; stateless strategies accept ``{}``."""
+        """Restore what `state_dict` returned; stateless strategies accept ``{}``."""
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
@@ -380,7 +380,7 @@ class ZScoreClip(ClipStrategy):
 _BY_NAME: dict[str, type[ClipStrategy]] = {
     cls.name: cls for cls in (NormClip, ValueClip, AutoClip, ZScoreClip, AGC)
 }
-#: The names :func:`resolve_strategy` accepts.
+#: The names `resolve_strategy` accepts.
 STRATEGY_NAMES: tuple[str, ...] = tuple(_BY_NAME)
 
 
