@@ -1,0 +1,155 @@
+"""Step-time overhead of the GradWatch callback in a real Lightning Trainer, on the CPU.
+
+Three variants of the same training run, alternated round by round in one process so that
+noise on the (shared) machine hits them alike: no callback; ``GradWatch()`` at its defaults;
+``GradWatch(every_n_steps=1)`` (exact capture every step). Every optimizer step is timed
+(``on_train_batch_start`` to ``on_train_batch_end``) and summarised by its median.
+
+At the defaults a run has two kinds of steps: cheap ones (signals only) and one capture
+every ``every_n_steps``. The default ratio is their amortised mean,
+``((N - 1) * cheap + capture) / (N * baseline)`` with ``N = every_n_steps``; the cheap step
+is measured in the default run, the capture step in the every-step run.
+
+    .venv/bin/python benchmarks/callback_overhead.py [--rounds 5] [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.integrations.monitor import DEFAULT_EVERY_N_STEPS
+
+
+def _lightning():
+    import lightning.pytorch as L
+
+    return L
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+
+def make_models():
+    L = _lightning()
+
+    class LanguageModel(L.LightningModule):
+        """Embedding + 2x256 LSTM + vocabulary head; loss at every step (T=64, batch 32)."""
+
+        def __init__(self, vocab: int = 1000) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, 128)
+            self.rnn = nn.LSTM(128, 256, num_layers=2)
+            self.head = nn.Linear(256, vocab)
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            out, _ = self.rnn(self.emb(x.t()))
+            return nn.functional.cross_entropy(self.head(out).flatten(0, 1), x.t().flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Classifier(L.LightningModule):
+        """2x128 GRU over 64 steps, class from the last state (batch 32)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(32, 128, num_layers=2)
+            self.head = nn.Linear(128, 10)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            out, _ = self.rnn(x.transpose(0, 1))
+            return nn.functional.cross_entropy(self.head(out[-1]), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    lm_data = torch.utils.data.TensorDataset(torch.randint(0, 1000, (32 * 64, 64), generator=g))
+    cls_data = torch.utils.data.TensorDataset(
+        torch.randn(32 * 64, 64, 32, generator=g), torch.randint(0, 10, (32 * 64,), generator=g)
+    )
+    return {
+        "LSTM LM 2x256, T=64, B=32": (LanguageModel, lm_data),
+        "GRU classifier 2x128, T=64, B=32": (Classifier, cls_data),
+    }
+
+
+def run(model_cls, data, steps: int, callback) -> list[float]:
+    L = _lightning()
+    timer_cls = type("StepTimer", (Timer, L.Callback), {})
+    timer = timer_cls()
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_steps=steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[timer] + ([callback] if callback is not None else []),
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+    trainer.fit(model_cls(), loader)
+    return timer.times[2:]  # the first steps warm up allocators and caches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    import logging
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("gradwatch").setLevel(logging.ERROR)
+
+    n = DEFAULT_EVERY_N_STEPS
+    rows = []
+    for label, (model_cls, data) in make_models().items():
+        base, cheap, every = [], [], []
+        for _ in range(args.rounds):
+            base += run(model_cls, data, args.steps, None)
+            cheap += run(model_cls, data, args.steps, gradwatch.GradWatch())
+            every += run(model_cls, data, args.steps, gradwatch.GradWatch(every_n_steps=1))
+        b, c, e = (statistics.median(x) for x in (base, cheap, every))
+        rows.append((label, b, c, e, ((n - 1) * c + e) / (n * b), c / b, e / b))
+
+    print(
+        f"| model | baseline step (ms) | cheap step (ms) | capture step (ms) | "
+        f"default ratio (every_n_steps={n}) | cheap-step ratio | every-step ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for label, b, c, e, amort, cr, er in rows:
+        print(
+            f"| {label} | {1e3 * b:.1f} | {1e3 * c:.1f} | {1e3 * e:.1f} | {amort:.3f} | "
+            f"{cr:.3f} | {er:.2f} |"
+        )
+    print(
+        f"\ntorch {torch.__version__}, {args.threads} thread(s), {args.rounds} alternating "
+        f"rounds of {args.steps} steps (first 2 of each run dropped), medians"
+    )
+
+
+if __name__ == "__main__":
+    main()

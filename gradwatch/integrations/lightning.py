@@ -1,0 +1,327 @@
+r"""
+GradWatch
+=========
+
+Watch the hidden-state gradients of every recurrent module of a LightningModule during
+training: cheap signals at every optimizer step, an exact per-timestep capture with
+diagnostics every ``every_n_steps`` steps and after any spike or non-finite value.
+
+The same class works with ``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trainer``:
+it derives from the ``Callback`` of each namespace that is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
+from typing_extensions import override
+
+from gradwatch.capture.discovery import Selector
+from gradwatch.integrations.monitor import (
+    DEFAULT_EVERY_N_STEPS,
+    MonitorCore,
+    StepOutcome,
+    StepSignals,
+)
+from gradwatch.report import Report
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+__all__ = ["GradWatch"]
+
+log = logging.getLogger("gradwatch")
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases: list[type] = []
+    try:
+        from lightning.pytorch import Callback as _LightningCallback
+
+        bases.append(_LightningCallback)
+    except ImportError:
+        pass
+    try:
+        from pytorch_lightning import Callback as _PLCallback
+
+        bases.append(_PLCallback)
+    except ImportError:
+        pass
+    if not bases:
+        raise ModuleNotFoundError(
+            "gradwatch.GradWatch needs `lightning` or `pytorch-lightning`; for plain PyTorch "
+            "loops use gradwatch.Monitor"
+        )
+    return tuple(bases)
+
+
+def _warn(message: str) -> None:
+    """Warnings from rank zero only: the ``gradwatch`` logger and Lightning's warnings."""
+    if rank_zero_only.rank == 0:
+        log.warning(message)
+    rank_zero_warn(message, category=RuntimeWarning)
+
+
+class _GradWatch:
+    r"""Watch vanishing and exploding gradients through time in a LightningModule's RNNs.
+
+    Every optimizer step, GradWatch measures cheap signals on the device (the norm of the
+    gradient injected into each recurrent module's outputs, each module's parameter
+    gradient norm, a non-finite check). Every ``every_n_steps`` optimizer steps, and right
+    after a spike or a non-finite value, it captures the step exactly: the per-timestep
+    hidden-state gradients dL/dh_t of every recurrent module call, their propagation gain,
+    memory horizon, causes and a verdict (``healthy``, ``vanishing``, ``exploding``,
+    ``nonfinite``). A verdict change is logged once, as a warning from rank zero; scalars and
+    figures go to the Trainer's loggers.
+
+    Training is not changed: with ``clip=None`` the weights are bit-identical to a run
+    without the callback. Works with gradient accumulation (one report per optimizer step,
+    all micro-batches merged), AMP (16-mixed: gradients are divided by the loss scale and
+    steps skipped by the GradScaler are reported as skipped; bf16-mixed), manual
+    optimization (one report per ``optimizer.step()``), several optimizers and DDP
+    (statistics reduced over ranks before any decision). Validation, test and predict loops
+    are not hooked.
+
+    Args:
+        every_n_steps: Capture every this many optimizer steps, starting at the first.
+            Default 100: a capture replays each recurrence once (about the cost of the
+            module's own forward and backward), so the amortised cost is ~1% of a step.
+        include: Only watch modules matching these ``fnmatch`` name patterns (qualified
+            names in the LightningModule, e.g. ``"encoder.*"``) or module types.
+        exclude: Do not watch modules matching these patterns or types.
+        spike_factor: A cheap signal this many times above its running level triggers a
+            capture (``math.inf``: never); non-finite values always trigger one.
+        warmup_steps: Optimizer steps of running level before spikes are detected.
+        history: Captured reports kept in :attr:`reports` (the last ``history``); the
+            cheap-signal history keeps ``10 * history`` steps.
+        log_every_n_steps: Copy the cheap signals to the host and log them every this many
+            optimizer steps (the only host synchronisation besides captures). Default: the
+            Trainer's ``log_every_n_steps``.
+        thresholds: A :class:`gradwatch.verdicts.Thresholds` for the verdicts.
+        clip: Reserved for gradient clipping; ``None`` (the default) never touches
+            gradients.
+        figures: Render TensorBoard figures (heatmap, profile, propagation) on captures.
+        async_flags: Read the spike flag one step late, without stalling the device
+            (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``).
+            On the CPU the spike step itself is captured.
+
+    Raises:
+        ValueError: If an argument is invalid; the message names it.
+
+    Example::
+
+        >>> from gradwatch import GradWatch
+        >>> gw = GradWatch(every_n_steps=50)
+        >>> # trainer = Trainer(callbacks=[gw]); trainer.fit(model)
+        >>> # gw.verdicts -> {"encoder.rnn": "healthy"}; gw.reports[0]["encoder.rnn"].total
+
+    .. tip:: The state saved in checkpoints (detector levels, verdict history, cheap
+        signals) holds only plain types and tensors, so ``weights_only`` loading works.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
+        *,
+        include: Iterable[Selector] | None = None,
+        exclude: Iterable[Selector] | None = None,
+        spike_factor: float = 10.0,
+        warmup_steps: int = 10,
+        history: int = 100,
+        log_every_n_steps: int | None = None,
+        thresholds: Any = None,
+        clip: Any = None,
+        figures: bool = True,
+        async_flags: bool | None = None,
+    ) -> None:
+        if clip is not None:
+            raise ValueError(
+                f"clip={clip!r}: gradient clipping is not available in this version of "
+                "gradwatch; leave clip=None (use Trainer(gradient_clip_val=...) meanwhile)"
+            )
+        if not isinstance(figures, bool):
+            raise ValueError(f"figures must be True or False, got {figures!r}")
+        self._core = MonitorCore(
+            every_n_steps=every_n_steps,
+            include=include,
+            exclude=exclude,
+            spike_factor=spike_factor,
+            warmup_steps=warmup_steps,
+            history=history,
+            log_every_n_steps=log_every_n_steps,
+            thresholds=thresholds,
+            async_flags=async_flags,
+            warn=_warn,
+        )
+        self._log_every_n_steps = log_every_n_steps
+        self.clip = clip
+        self.figures = figures
+        self._writer: Any = None
+        self._training = False
+
+    # -- results -----------------------------------------------------------------------------
+    @property
+    def reports(self) -> dict[int, Report]:
+        """Captured reports by optimizer step (``trainer.global_step`` before the step); the
+        last ``history`` of them."""
+        return dict(self._core.reports)
+
+    @property
+    def verdicts(self) -> dict[str, str]:
+        """Latest verdict of every watched module call (with hysteresis)."""
+        return self._core.verdicts
+
+    @property
+    def signals(self) -> list[StepSignals]:
+        """Cheap signals of recent optimizer steps (copied to the host on logging steps)."""
+        return list(self._core.signals)
+
+    @property
+    def names(self) -> list[str]:
+        """The watched modules (known from the start of training)."""
+        return list(self._core.names)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Discovery here, not in __init__: modules created in setup()/configure_model() exist
+        # now, and the checkpoint (if resuming) has been restored into this callback.
+        try:
+            if getattr(trainer.strategy, "handles_gradient_accumulation", False):
+                self._core.break_down(
+                    RuntimeError(
+                        f"{type(trainer.strategy).__name__} accumulates gradients itself "
+                        "(DeepSpeed), which GradWatch does not support"
+                    )
+                )
+                return
+            if self._log_every_n_steps is None:
+                self._core.log_every_n_steps = max(1, int(trainer.log_every_n_steps))
+            self._core.bind(pl_module, start_step=trainer.global_step)
+            self._core.attach()
+            self._training = True
+            if self._writer is None and trainer.is_global_zero and trainer.loggers:
+                self._writer = _panel_writer(trainer.loggers, self._core.history, self.figures)
+                if self._writer is not None and self._core.names:
+                    self._writer.write_layout(self._core.names)
+        except Exception as e:  # monitoring must never crash training
+            self._core.break_down(e)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
+        if not self._training:
+            return
+        try:
+            out = self._core.finish_step(
+                trainer.global_step, optimizer=optimizer, scaler=trainer.scaler
+            )
+            self._publish(out)
+        except Exception as e:  # monitoring must never crash training
+            self._core.break_down(e)
+
+    def _publish(self, out: StepOutcome) -> None:
+        for change in out.changes:
+            _warn(_change_message(change))
+        if self._writer is None:
+            return
+        extra = _signal_scalars(out.signals[-1]) if out.signals else {}
+        try:
+            if out.report is not None:
+                self._writer.write(out.step, out.report, extra_scalars=extra)
+            elif extra:
+                self._writer.write_scalars(out.step, extra)
+        except Exception as e:  # a logger problem must not stop monitoring or training
+            log.debug("gradwatch: could not write panels: %r", e)
+
+    @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._core.detach()  # validation inside fit: no hooks, no cost
+
+    @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._training:
+            self._core.attach()
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._training = False
+        self._core.detach()
+        try:
+            self._core.flush_signals()
+            latest = _latest(self._core.reports)
+            if latest and trainer.is_global_zero:
+                from gradwatch.outputs.messages import summary_table
+
+                log.info("%s", summary_table(latest))
+        except Exception as e:
+            log.debug("gradwatch: no summary table: %r", e)
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._training = False
+        self._core.close()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._training = False
+        self._core.close()
+
+    # -- checkpointing -----------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._core.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._core.load_state_dict(state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles callbacks: no writer, and not the module's ``log``/``log_dict``
+        # that Lightning attaches to every callback during fit.
+        state = self.__dict__.copy()
+        state["_writer"] = None
+        state.pop("log", None)
+        state.pop("log_dict", None)
+        return state
+
+
+def _latest(reports: dict[int, Report]) -> dict[str, Any]:
+    latest: dict[str, Any] = {}
+    for rep in reports.values():
+        latest.update(rep.modules)
+    return latest
+
+
+def _panel_writer(loggers: list[Any], history: int, figures: bool) -> Any:
+    try:
+        from gradwatch.outputs.panels import PanelWriter
+    except ImportError:
+        return None
+    return PanelWriter(list(loggers), history=max(history, 1), figures=figures)
+
+
+def _signal_scalars(s: StepSignals) -> dict[str, float]:
+    from gradwatch.outputs.scalars import module_tag
+
+    out = {module_tag(n, "param_grad_norm"): v for n, v in s.grad_norm.items()}
+    out.update({module_tag(n, "injected_grad_norm"): v for n, v in s.injected.items()})
+    out["gradwatch/step/skipped"] = float(s.skipped)
+    out["gradwatch/step/spike"] = float(s.spike)
+    return out
+
+
+def _change_message(change: Any) -> str:
+    try:
+        from gradwatch.outputs.messages import change_message
+
+        return change_message(change.report, change.old, change.new, change.report.seq_len)
+    except Exception:
+        m = change.report
+        return f"gradwatch: {change.name}: {change.old} -> {change.new}. {m.explain()}"
+
+
+class GradWatch(_GradWatch, *_callback_bases()):  # type: ignore[misc]
+    __doc__ = _GradWatch.__doc__

@@ -1,0 +1,116 @@
+"""GradWatch under DDP: 2 CPU processes (gloo, ddp_spawn). Statistics are reduced over ranks
+before any decision, so every rank captures the same steps and holds the same reports and
+verdicts; only rank zero speaks."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+
+L = pytest.importorskip("lightning.pytorch")
+
+
+class RankLM(L.LightningModule):
+    """A GRU model whose loss spikes on rank 1 only at global step 5, and is NaN there at 6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.rnn = nn.GRU(8, 16)
+        self.head = nn.Linear(16, 20)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        out, _ = self.rnn(self.emb(x.t()))
+        loss = nn.functional.cross_entropy(self.head(out).flatten(0, 1), x.t().flatten())
+        if self.global_rank == 1 and self.global_step in (5, 6):
+            loss = loss * (1e4 if self.global_step == 5 else float("nan"))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class _Count(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+class Probe(L.Callback):
+    """Saves what this rank's GradWatch holds at the end of training."""
+
+    def __init__(self, gw: gradwatch.GradWatch, out: str) -> None:
+        self.gw, self.out = gw, out
+
+    def setup(self, trainer, pl_module, stage):
+        self.handler = _Count()  # created in the worker: handlers hold locks, not picklable
+        logging.getLogger("gradwatch").addHandler(self.handler)
+        warnings.simplefilter("ignore")
+
+    def on_train_end(self, trainer, pl_module):
+        logging.getLogger("gradwatch").removeHandler(self.handler)
+        reports = {
+            step: {n: (m.total.clone(), m.valid_samples.clone()) for n, m in rep.items()}
+            for step, rep in self.gw.reports.items()
+        }
+        self.gw._core.flush_signals()
+        signals = [s.as_dict() for s in self.gw._core.signals]
+        torch.save(
+            {
+                "reports": reports,
+                "signals": signals,
+                "verdicts": self.gw.verdicts,
+                "warnings": self.handler.count,
+                "weights": [p.detach().clone() for p in pl_module.parameters()],
+            },
+            f"{self.out}/rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.slow
+def test_ddp_spawn_reduces_before_deciding_and_only_rank_zero_warns(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randint(0, 20, (64, 10), generator=g)), batch_size=4
+    )
+    gw = gradwatch.GradWatch(every_n_steps=4, warmup_steps=2, log_every_n_steps=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=8,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[gw, Probe(gw, str(tmp_path))],
+    )
+    trainer.fit(RankLM(), data)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+
+    # identical decisions: the spike on rank 1 only is captured by both ranks at step 5
+    assert list(r0["reports"]) == list(r1["reports"]) == [0, 4, 5, 6, 7]  # 7: NaN weights
+    assert [s["captured"] for s in r0["signals"]][4:7] == ["scheduled", "spike", "nonfinite"]
+    assert repr(r0["signals"]) == repr(r1["signals"])  # (NaN != NaN in ==)
+    assert r0["verdicts"] == r1["verdicts"] == {"rnn": "nonfinite"}
+    for step, rep in r0["reports"].items():
+        for name, (total, valid) in rep.items():
+            total1, _ = r1["reports"][step][name]
+            torch.testing.assert_close(total, total1, rtol=0, atol=0, equal_nan=True)
+            assert valid.tolist() == [8] * 10  # both ranks' samples merged (4 each)
+    # logs and warnings from rank zero only (the non-finite verdict is announced there)
+    assert r1["warnings"] == 0 and r0["warnings"] >= 1
+    for a, b in zip(r0["weights"], r1["weights"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
