@@ -313,3 +313,33 @@ def test_replay_runs_in_float32_inside_a_bf16_autocast_region():
     for field in ("total", "carried", "direct", "cell_total", "gain", "horizon"):
         assert torch.equal(getattr(plain, field), getattr(inside, field)), field
     assert not plain.exact and "bfloat16" in plain.approximate_reason
+
+
+def test_marked_states_keep_gradient_summation_order():
+    """A state read by several consumers: identity views in between would change the order
+    in which autograd sums their contributions (and the last bits of the gradients)."""
+    torch.manual_seed(0)
+    w = (torch.randn(32, 32) * 0.3).requires_grad_()
+    a = torch.randn(32, 32).requires_grad_()
+    x = torch.randn(20, 16, 32)
+
+    def run(mark: bool):
+        w.grad = a.grad = None
+        s, loss = torch.zeros(16, 32), 0
+        for t in range(20):
+            s = torch.tanh(x[t] + s @ w)
+            y = s
+            if mark:
+                y, s_marked = gradwatch.mark_state("m", s)
+                assert y is s and s_marked is s  # handed back untouched
+            loss = loss + (y @ a).sin().sum() + (y * y).sum() * 0.1 + (s * 0.5).cos().sum()
+        loss.backward()
+        return w.grad.clone(), a.grad.clone()
+
+    plain = run(False)
+    with gradwatch.trace(nn.Identity()) as tr:
+        marked = run(True)
+    assert all(torch.equal(p, q) for p, q in zip(plain, marked, strict=True))
+    m = tr.report()["m"]
+    assert bool((m.carried[0, 0, :-1] > 0).all()) and m.carried[0, 0, -1] == 0
+    assert bool((m.direct[0, 0] > 0).all())

@@ -1,11 +1,11 @@
 """Exact per-step gradients for recurrences unrolled by user code: cell loops and marked states.
 
 Here every step's state is a real tensor in the autograd graph, so hooks give the exact
-values directly. To tell the carried part from the direct part without changing any value,
-the state is handed to the recurrence through an identity view (``x.view_as(x)``): the view's
-gradient is what came back through the recurrence, the original tensor's gradient is the
-total. A view's backward returns its input gradient unchanged, so parameter gradients are
-bit-identical with and without the views.
+values directly: a tensor hook on the state gives the total, and post-hooks on the autograd
+nodes of the next step that read the state give the carried part (see
+``Trace._hook_carried``); the direct part is their difference. The state itself is passed on
+untouched: an identity view in between would change the order in which autograd sums the
+gradient contributions, and with it the last bits of the parameter gradients.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ class Step:
 
     total_h: Tensor | None = None  # gradient at the step's hidden state (all consumers)
     total_c: Tensor | None = None  # LSTMCell: gradient at c_t from outside the cell call
-    direct_h: Tensor | None = None  # marked states: gradient at the output view
-    carried: list[Tensor | None] = field(default_factory=list)  # at the next step's views
+    carried: list[Tensor | None] = field(default_factory=list)  # from the next step's nodes
     # LSTMCell: what is needed to add the path c_t -> h_t to dL/dc_t
     x: Tensor | None = None
     hx: tuple[Tensor, Tensor] | None = None
@@ -74,21 +73,6 @@ class StepSequence:
 
         self.handles.append(tensor.register_hook(fn))
 
-    def carried_views(self, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """Identity views of a state that the next step consumes; their gradients are the
-        carried part of the last recorded step. Tensors without gradient pass unchanged."""
-        prev = self.steps[-1]
-        prev.carried = [None] * len(state)
-        views = []
-        for i, s in enumerate(state):
-            if not s.requires_grad:
-                views.append(s)
-                continue
-            v = s.view_as(s)
-            self.hook(v, lambda g, i=i, prev=prev: _accumulate(prev.carried, i, g))
-            views.append(v)
-        return tuple(views)
-
     def release(self) -> None:
         for h in self.handles:
             h.remove()
@@ -96,10 +80,6 @@ class StepSequence:
         self.steps.clear()
         self.outputs = ()
         self.module = None
-
-
-def _accumulate(slots: list[Tensor | None], i: int, grad: Tensor) -> None:
-    slots[i] = grad if slots[i] is None else slots[i] + grad
 
 
 def _norms(x: Tensor | None, like: Tensor) -> Tensor:
@@ -160,16 +140,10 @@ def build_step_report(seq: StepSequence, thresholds: Thresholds | None = None) -
         like = st.c if st.c is not None else (st.x if st.x is not None else first)
         like = like if like is not None else torch.zeros(1)
         carried_h = st.carried[0] if st.carried else None
-        if seq.kind == "custom":
-            # Marked state: direct and carried are hooked separately; the total is their sum.
-            parts = [p for p in (st.direct_h, carried_h) if p is not None]
-            total_h = sum(parts[1:], parts[0]) if parts else None
-            direct_h = st.direct_h
-        else:
-            total_h = st.total_h
-            direct_h = (
-                None if total_h is None else (total_h if carried_h is None else total_h - carried_h)
-            )
+        total_h = st.total_h
+        direct_h = (
+            None if total_h is None else (total_h if carried_h is None else total_h - carried_h)
+        )
         received = received or total_h is not None
         n_total = _norms(total_h, like)
         batch[t] = n_total.shape[0]

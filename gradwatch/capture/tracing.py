@@ -356,12 +356,18 @@ class Trace:
         seq = self._sequences.get(name)
         if seq is None or seq.forward_index != self._forward_index:
             seq = self._start_sequence(name, "custom", None)
+        elif seq.steps and seq.outputs:
+            # What this step's graph sends back to the previous marked state is its carried
+            # part: hooked on the autograd nodes that read it (created after it), so the
+            # state is passed on untouched and gradients are summed in the same order.
+            prev_state = seq.outputs
+            bound = max((t.grad_fn._sequence_nr() for t in prev_state if t.grad_fn), default=-1)
+            self._hook_carried(seq, seq.steps[-1], prev_state, bound, parts)
         step = Step()
         seq.steps.append(step)
-        out = h.view_as(h)
-        self._hook_step(seq, out, step, "direct_h")
-        views = seq.carried_views(parts)  # consumed by the next step: this step's carried part
-        return out, (views if isinstance(state, tuple) else views[0])
+        self._hook_step(seq, h, step, "total_h")
+        seq.outputs = parts
+        return h, state
 
 
 class Session(Trace):
