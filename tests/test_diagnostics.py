@@ -307,3 +307,11 @@ def test_marked_custom_recurrence_gets_estimated_gain():
     assert m.actual_gain[0, 0].item() == pytest.approx(rho, rel=1e-6)
     assert m.gain[0, 0].item() == pytest.approx(rho, rel=1e-6)
     assert m.verdict == "vanishing"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_very_short_sequences_are_healthy_not_nonfinite(steps):
+    for module in (nn.RNN(3, 4), nn.LSTM(3, 4), nn.GRU(3, 4)):
+        m = _trace_last_step_loss(module, torch.randn(steps, 2, 3))[type(module).__name__]
+        assert m.verdict == "healthy"
+        assert m.propagation.shape[-1] == steps and m.propagation[0, 0, 0] == 0

@@ -77,9 +77,12 @@ def spectral_radius(w: Tensor, key: Tensor | None = None, iters: int = _RADIUS_I
 
 
 def sampled_steps(lengths_max: int, device: torch.device) -> Tensor:
-    """Evenly spaced timesteps (at most ``MAX_SAMPLED_STEPS``) for trajectory statistics."""
+    """Evenly spaced timesteps (at most ``MAX_SAMPLED_STEPS``) for trajectory statistics.
+
+    Built on the host from the known length (``unique`` on a device would synchronise)."""
     count = min(lengths_max, MAX_SAMPLED_STEPS)
-    return torch.linspace(0, lengths_max - 1, count, device=device).round().long().unique()
+    steps = sorted({round(i * (lengths_max - 1) / max(count - 1, 1)) for i in range(count)})
+    return torch.tensor(steps, dtype=torch.long).to(device)
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:

@@ -159,32 +159,33 @@ def summarise(log_a: Tensor, reach: Tensor, lengths: Tensor) -> Propagation:
 
 
 def _horizon(curve: Tensor, log_gain: Tensor) -> Tensor:
-    """Steps until the curve crosses ``log(HORIZON_LEVEL)``; extrapolated past the end."""
+    """Steps until the curve crosses ``log(HORIZON_LEVEL)``; extrapolated past the end.
+
+    Only tensor operations (indices stay on the device): no host synchronisation.
+    """
     level = math.log(HORIZON_LEVEL)
+    steps = curve.numel()
     known = torch.isfinite(curve) | (curve == -math.inf)
     below = (curve < level) & known
-    k = torch.arange(curve.numel(), device=curve.device, dtype=curve.dtype)
+    k = torch.arange(steps, device=curve.device, dtype=curve.dtype)
     big = torch.full_like(k, math.inf)
     first_below = torch.where(below, k, big).min()
+
+    def at(i: Tensor) -> Tensor:
+        return curve.gather(0, i.long().clamp(0, steps - 1).view(1)).squeeze(0)
+
     # interpolate between the step before the crossing and the crossing
-    i = first_below.clamp(min=1, max=curve.numel() - 1).long() if curve.numel() > 1 else None
-    if i is None:
-        crossed = torch.zeros_like(first_below)
-    else:
-        before, after = curve[i - 1], curve[i]
-        frac = ((before - level) / (before - after)).nan_to_num(1.0).clamp(0, 1)
-        crossed = (i - 1).to(curve.dtype) + frac
-    # extrapolation from the last reached step with the gain
-    last_k = torch.where(known & torch.isfinite(curve), k, -big).max()
-    last_val = curve[last_k.clamp(min=0).long()]
-    ahead = (level - last_val) / log_gain
+    i = first_below.clamp(min=1, max=max(steps - 1, 1))
+    before, after = at(i - 1), at(i)
+    frac = ((before - level) / (before - after)).nan_to_num(1.0).clamp(0, 1)
+    crossed = i - 1 + frac
+    # otherwise extrapolate from the last finite step with the gain
+    last_k = torch.where(torch.isfinite(curve), k, -big).max().clamp(min=0)
+    ahead = (level - at(last_k)) / log_gain
     extrapolated = torch.where(log_gain < 0, last_k + ahead, torch.full_like(ahead, math.inf))
     horizon = torch.where(first_below.isfinite(), crossed, extrapolated)
-    horizon = torch.where(first_below == 0, torch.zeros_like(horizon), horizon)
-    nan = curve.isnan().any() & ~below.any()
-    return torch.where(
-        nan | log_gain.isnan() & ~below.any(), torch.full_like(horizon, math.nan), horizon
-    )
+    undefined = (curve.isnan().any() | log_gain.isnan()) & ~below.any()
+    return torch.where(undefined, torch.full_like(horizon, math.nan), horizon)
 
 
 def actual_gain(carried: Tensor, state_total: Tensor, reverse: bool) -> Tensor:

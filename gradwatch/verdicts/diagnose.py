@@ -78,7 +78,7 @@ def diagnose(
         for d in range(report.num_directions):
             horizon = float(q["horizon"][layer, d]) if "horizon" in q else math.inf
             growth = float(q["log10_attenuation"][layer, d]) if "log10_attenuation" in q else 0.0
-            nonfinite = bool(bad[layer, d]) or (math.isnan(horizon) and "horizon" in q)
+            nonfinite = bool(bad[layer, d])
             row.append(classify(horizon, growth, seq_len, nonfinite, thresholds))
         verdicts.append(tuple(row))
     verdict = worst([v for row in verdicts for v in row])
