@@ -77,6 +77,7 @@ class _Sink:
     tensorboard: bool
     logger_prefix: str = ""
     images: bool = True  # turned off after the first failure
+    profiles: bool = True  # the gradwatch tab's tensors; off after the first failure
     scalars_failed: bool = False
     resolved: bool = False
     writer: Any = None  # SummaryWriter for images and layout, once resolved
@@ -99,6 +100,8 @@ class PanelWriter:
         auto_layout: Write the dashboard on the first :meth:`write` if :meth:`write_layout`
             was not called, and extend it when a new module appears.
         prefix: Tag prefix (``"gradwatch"``).
+        profiles: Write the per-timestep profiles of each call as a tensor summary for the
+            gradwatch TensorBoard tab (``<prefix>/<module>/profiles``, TensorBoard only).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class PanelWriter:
         dpi: int = 80,
         auto_layout: bool = True,
         prefix: str = PREFIX,
+        profiles: bool = True,
     ) -> None:
         if figure_every < 1:
             raise ValueError(f"figure_every must be >= 1, got {figure_every}")
@@ -122,6 +126,7 @@ class PanelWriter:
         self.dpi = dpi
         self.auto_layout = auto_layout
         self.prefix = prefix
+        self.profiles = profiles
         self._writes = 0
         self._layout_modules: list[str] = []
         self._figures_module: ModuleType | None = None
@@ -176,6 +181,8 @@ class PanelWriter:
         names = [m.module_name or _base(n) for n, m in report.items()]
         if self.auto_layout and any(n not in self._layout_modules for n in names):
             self.write_layout(names)
+        if self.profiles:
+            self.write_profiles(step, report)
         if not self.figures or not self._sinks:
             return
         if not any(self._image_target(s) for s in self._sinks):
@@ -222,6 +229,29 @@ class PanelWriter:
                     log.debug("gradwatch: could not draw the %s of %s: %r", kind, name, err)
                     continue
                 self._emit_image(module_tag(name, kind, self.prefix), image, step)
+
+    def write_profiles(self, step: int, report: Report | Mapping[str, ModuleReport]) -> None:
+        """The gradwatch tab's data: one ``<prefix>/<module>/profiles`` tensor summary per call
+        (format in :mod:`gradwatch.outputs.tb_plugin.metadata`), TensorBoard writers only."""
+        sinks = [s for s in self._sinks if s.profiles and self._file_writer(s) is not None]
+        if not sinks:
+            return
+        from gradwatch.outputs.tb_plugin.metadata import PROFILE_METRIC, profile_summary
+
+        for name, m in report.items():
+            tag = module_tag(name, PROFILE_METRIC, self.prefix)
+            for sink in sinks:
+                full = f"{sink.logger_prefix}-{tag}" if sink.logger_prefix else tag
+                try:
+                    summary = profile_summary(full, m, _summary_class(sink.writer))
+                    self._file_writer(sink).add_summary(summary, int(step))
+                except Exception as err:  # the tab's data must never break training
+                    sink.profiles = False
+                    log.debug(
+                        "gradwatch: profiles for the gradwatch tab disabled for %s: %r",
+                        type(sink.target).__name__,
+                        err,
+                    )
 
     def flush(self) -> None:
         """Push buffered events to disk (``logger.save()`` or ``writer.flush()``)."""
@@ -287,6 +317,12 @@ class PanelWriter:
             return False
         return True
 
+    def _file_writer(self, sink: _Sink) -> Any:
+        """The event-file writer of a TensorBoard sink (``SummaryWriter._get_file_writer()``)."""
+        writer = self._writer(sink)
+        get = getattr(writer, "_get_file_writer", None)
+        return get() if callable(get) else None
+
     def _writer(self, sink: _Sink) -> Any:
         """The SummaryWriter behind a sink, resolved on first use."""
         if not sink.resolved:
@@ -331,6 +367,15 @@ def _is_summary_writer(obj: Any) -> bool:
         and all(callable(getattr(obj, attr, None)) for attr in ("add_scalar", "add_image"))
         and (hasattr(obj, "_get_file_writer") or hasattr(obj, "add_custom_scalars"))
     )
+
+
+def _summary_class(writer: Any) -> Any:
+    """tensorboardX writers take their own ``Summary`` proto; ``None``: TensorBoard's."""
+    if type(writer).__module__.split(".")[0] != "tensorboardX":
+        return None
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    return Summary
 
 
 def _base(name: str) -> str:
