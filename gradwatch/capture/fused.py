@@ -53,6 +53,9 @@ class FusedCall:
     c_n: Tensor | None
     weights: list[Tensor]
     dropout_active: bool
+    # lengths given to a subclass whose forward packs a padded input itself (e.g.
+    # pytorch-forecasting's ``rnn(x, lengths=...)``): [B] on the CPU, else None
+    lengths: Tensor | None = None
     grads: dict[str, Tensor] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
 
@@ -63,7 +66,7 @@ class FusedCall:
         self.handles.clear()
         self.grads.clear()
         self.input = self.output = self.h_n = torch.empty(0)
-        self.hx = self.cx = self.c_n = None
+        self.hx = self.cx = self.c_n = self.lengths = None
         self.weights = []
 
 
@@ -88,6 +91,7 @@ def record_fused_call(
     if not torch.is_grad_enabled() or not out_data.requires_grad:
         return None
     h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+    lengths = _lengths_argument(args, kwargs, inp, out)
     return FusedCall(
         name=name,
         module_name=module_name,
@@ -100,7 +104,22 @@ def record_fused_call(
         c_n=None if c_n is None else c_n.detach(),
         weights=[w.detach() for w in module._flat_weights],
         dropout_active=module.training and module.dropout > 0 and module.num_layers > 1,
+        lengths=lengths,
     )
+
+
+def _lengths_argument(args: tuple, kwargs: dict, inp: Any, out: Any) -> Tensor | None:
+    """Sequence lengths passed to a subclass that packs a padded input inside its forward
+    (``forward(x, hx=None, lengths=None, ...)``): without them the replay would treat the
+    padding as real steps."""
+    lengths = kwargs.get("lengths", args[2] if len(args) > 2 else None)
+    if not isinstance(lengths, Tensor) or isinstance(inp, PackedSequence):
+        return None
+    if not isinstance(out, Tensor) or inp.dim() != 3 or lengths.dim() != 1:
+        return None
+    if lengths.is_floating_point() or lengths.is_complex():
+        return None
+    return lengths.detach().to("cpu", torch.int64)
 
 
 def output_tensors(call_output: Any) -> dict[str, Tensor]:
@@ -147,6 +166,16 @@ def _to_layout(call: FusedCall, dtype: torch.dtype) -> _Layout:
         return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
     x, out = call.input, call.output
     assert isinstance(x, Tensor) and isinstance(out, Tensor)
+    if call.lengths is not None:  # padded input packed inside the subclass's forward
+        if mod.batch_first:
+            x, out = x.transpose(0, 1), out.transpose(0, 1)
+            grad_out = None if grad_out is None else grad_out.transpose(0, 1)
+        steps = x.shape[0]
+        lengths = call.lengths.clamp(0, steps)
+        if grad_out is not None:  # padding positions never reach the recurrence
+            keep = torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)
+            grad_out = grad_out * keep.unsqueeze(-1).to(grad_out.device, grad_out.dtype)
+        return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
     unbatched = x.dim() == 2
     if unbatched:
         x, out = x.unsqueeze(1), out.unsqueeze(1)
