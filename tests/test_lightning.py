@@ -257,7 +257,7 @@ def test_internal_error_disables_one_module_and_training_continues(monkeypatch):
     ("kwargs", "name"),
     [
         ({"every_n_steps": 0}, "every_n_steps"),
-        ({"clip": "norm"}, "clip"),
+        ({"clip": "bogus"}, "clip"),
         ({"figures": "yes"}, "figures"),
         ({"spike_factor": 0.5}, "spike_factor"),
         ({"include": [1.5]}, "include"),

@@ -22,10 +22,12 @@ from typing_extensions import override
 from gradwatch.capture.discovery import Selector
 from gradwatch.integrations.monitor import (
     DEFAULT_EVERY_N_STEPS,
+    ClipControl,
     MonitorCore,
     StepOutcome,
     StepSignals,
 )
+from gradwatch.outputs.clipping import ClipEvent
 from gradwatch.report import Report
 
 if TYPE_CHECKING:
@@ -101,8 +103,24 @@ class _GradWatch:
             optimizer steps (the only host synchronisation besides captures). Default: the
             Trainer's ``log_every_n_steps``.
         thresholds: A :class:`gradwatch.verdicts.Thresholds` for the verdicts.
-        clip: Reserved for gradient clipping; ``None`` (the default) never touches
-            gradients.
+        clip: Gradient clipping (see ``docs/clipping.md``). ``None`` (the default) never
+            touches gradients. A strategy name (``"norm"``, ``"value"``, ``"autoclip"``,
+            ``"zscore"``, ``"agc"``: published defaults), a configured
+            `gradwatch.outputs.clipping.ClipStrategy`, or a configured
+            `gradwatch.outputs.clipping.Clipper` (then leave the three ``clip_*`` arguments
+            out). Applied in ``on_before_optimizer_step``: after AMP unscaling and DDP
+            reduction, before the optimizer step, in automatic and manual optimization.
+            Refused at fit start together with ``Trainer(gradient_clip_val=...)``, a fused
+            optimizer under a GradScaler, FSDP, DeepSpeed.
+        clip_mode: ``"always"`` (default) or ``"reactive"``: clip only on steps where the
+            detector flags a spike or non-finite value, or while the latest capture's
+            verdict is exploding (or non-finite). Adaptive strategies observe every step.
+        clip_scope: ``"all"`` (default): every parameter of the stepping optimizer;
+            ``"recurrent"``: only those of the recurrent modules (``include``/``exclude``
+            apply).
+        clip_nonfinite: A non-finite gradient norm: ``"skip"`` (default) the optimizer
+            step (gradients set to ``None``: parameters and optimizer state unchanged),
+            ``"zero"`` the gradients, or ``"leave"`` them. Always logged.
         figures: Render TensorBoard figures (heatmap, profile, propagation) on captures.
         async_flags: Read the spike flag one step late, without stalling the device
             (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``).
@@ -134,14 +152,12 @@ class _GradWatch:
         log_every_n_steps: int | None = None,
         thresholds: Any = None,
         clip: Any = None,
+        clip_mode: str | None = None,
+        clip_scope: str | None = None,
+        clip_nonfinite: str | None = None,
         figures: bool = True,
         async_flags: bool | None = None,
     ) -> None:
-        if clip is not None:
-            raise ValueError(
-                f"clip={clip!r}: gradient clipping is not available in this version of "
-                "gradwatch; leave clip=None (use Trainer(gradient_clip_val=...) meanwhile)"
-            )
         if not isinstance(figures, bool):
             raise ValueError(f"figures must be True or False, got {figures!r}")
         self._core = MonitorCore(
@@ -156,11 +172,20 @@ class _GradWatch:
             async_flags=async_flags,
             warn=_warn,
         )
+        self._clip = ClipControl.build(
+            clip,
+            clip_mode=clip_mode,
+            clip_scope=clip_scope,
+            clip_nonfinite=clip_nonfinite,
+            history=history,
+            warn=_warn,
+        )
         self._log_every_n_steps = log_every_n_steps
         self.clip = clip
         self.figures = figures
         self._writer: Any = None
         self._training = False
+        self._clipping = False
 
     # -- results -----------------------------------------------------------------------------
     @property
@@ -184,9 +209,30 @@ class _GradWatch:
         """The watched modules (known from the start of training)."""
         return list(self._core.names)
 
+    @property
+    def clipper(self) -> Any:
+        """The `gradwatch.outputs.clipping.Clipper` in use (``None`` with ``clip=None``)."""
+        return None if self._clip is None else self._clip.clipper
+
+    @property
+    def clip_events(self) -> list[ClipEvent]:
+        """Recent clipping events (the last ``10 * history``), ``step`` being
+        ``trainer.global_step``: every step in ``"always"`` mode, the clipped steps in
+        ``"reactive"`` mode, and every non-finite step."""
+        return [] if self._clip is None else list(self._clip.events)
+
+    # -- clipping: refusals --------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._clip is not None:
+            _check_clipping_setup(self._clip.spec, trainer)
+
     # -- lifecycle ---------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._clip is not None:  # outside the monitoring's safety net: clipping must work
+            self._clip.bind(pl_module, self._core.include, self._core.exclude)
+            self._clipping = True
         # Discovery here, not in __init__: modules created in setup()/configure_model() exist
         # now, and the checkpoint (if resuming) has been restored into this callback.
         try:
@@ -212,22 +258,54 @@ class _GradWatch:
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
-        if not self._training:
-            return
-        try:
-            out = self._core.finish_step(
-                trainer.global_step, optimizer=optimizer, scaler=trainer.scaler
+        # Lightning calls this inside optimizer.step() (automatic and manual optimization),
+        # after the precision plugin's scaler.unscale_ and after DDP's all-reduce, before the
+        # parameters change: the monitor measures the raw gradients first, then they are
+        # clipped, then the step's scalars (clip included) are published.
+        step = trainer.global_step
+        out = None
+        if self._training:
+            try:
+                out = self._core.finish_step(
+                    step,
+                    optimizer=optimizer,
+                    scaler=trainer.scaler,
+                    read_flags=self._clip is not None and self._clip.reactive,
+                )
+            except Exception as e:  # monitoring must never crash training
+                self._core.break_down(e)
+        event = None
+        if self._clip is not None and self._clipping:
+            event = self._clip.step(
+                step,
+                optimizer=optimizer,
+                model=pl_module,
+                outcome=out,
+                verdicts=self._core.verdicts,
+                monitoring=self._core.broken is None,
+                scaler=trainer.scaler,
             )
-            self._publish(out)
-        except Exception as e:  # monitoring must never crash training
-            self._core.break_down(e)
+        if out is not None or event is not None:
+            try:
+                self._publish(out or StepOutcome(step), event)
+            except Exception as e:  # monitoring must never crash training
+                self._core.break_down(e)
 
-    def _publish(self, out: StepOutcome) -> None:
+    def _publish(self, out: StepOutcome, event: ClipEvent | None = None) -> None:
         for change in out.changes:
             _warn(_change_message(change))
         if self._writer is None:
             return
         extra = _signal_scalars(out.signals[-1]) if out.signals else {}
+        if event is not None and (
+            # every clip, every non-finite step, every reactive event, and the threshold on
+            # logging steps (in "always" mode an event comes every step)
+            event.clipped
+            or event.threshold is None
+            or not event.reason.startswith("always")
+            or self._core.is_logging_step(out.step)
+        ):
+            extra.update(ClipControl.scalars(event))
         try:
             if out.report is not None:
                 self._writer.write(out.step, out.report, extra_scalars=extra)
@@ -248,6 +326,7 @@ class _GradWatch:
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._training = False
+        self._clipping = False
         self._core.detach()
         try:
             self._core.flush_signals()
@@ -261,22 +340,31 @@ class _GradWatch:
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._training = False
+        self._training = self._clipping = False
         self._core.close()
 
     @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._training = False
+        self._training = self._clipping = False
         self._core.close()
 
     # -- checkpointing -----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self._core.state_dict()
+        state = self._core.state_dict()
+        if self._clip is not None:
+            state["clip"] = self._clip.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._core.load_state_dict(state_dict)
+        state = dict(state_dict)
+        clip = state.pop("clip", None)
+        self._core.load_state_dict(state)
+        if self._clip is not None and clip is not None:
+            self._clip.load_state_dict(clip)
+        elif self._clip is not None:
+            log.info("gradwatch: the checkpoint holds no clipping state; clipping starts afresh")
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles callbacks: no writer, and not the module's ``log``/``log_dict``
@@ -286,6 +374,51 @@ class _GradWatch:
         state.pop("log", None)
         state.pop("log_dict", None)
         return state
+
+
+_UNSUPPORTED_STRATEGIES = {
+    "FSDPStrategy": "FSDP shards the gradients: a clipper would see one shard per rank",
+    "ModelParallelStrategy": "FSDP2/tensor parallelism shards the gradients (DTensors)",
+    "DeepSpeedStrategy": "DeepSpeed owns the gradients and clips inside its engine "
+    "(use its gradient_clipping config)",
+}
+
+
+def _check_clipping_setup(spec: str, trainer: Any) -> None:
+    """Refuse, at fit start, setups where GradWatch cannot clip correctly (a clear
+    ``ValueError`` instead of silently wrong gradients)."""
+    who = f"GradWatch({spec})"
+    clip_val = getattr(trainer, "gradient_clip_val", None)
+    if clip_val is not None and clip_val > 0:
+        raise ValueError(
+            f"{who} and Trainer(gradient_clip_val={clip_val}) would both clip the gradients "
+            "(GradWatch first, then the Trainer on what is left). Clip in one place: remove "
+            "gradient_clip_val from the Trainer, or use GradWatch(clip=None)"
+        )
+    strategy = getattr(trainer, "strategy", None)
+    for cls in type(strategy).__mro__:
+        why = _UNSUPPORTED_STRATEGIES.get(cls.__name__)
+        if why is not None:
+            raise ValueError(
+                f"{who} cannot clip under {type(strategy).__name__}: {why}. Use "
+                "GradWatch(clip=None) with this strategy"
+            )
+    if getattr(strategy, "handles_gradient_accumulation", False):
+        raise ValueError(
+            f"{who} cannot clip under {type(strategy).__name__}, which accumulates and steps "
+            "gradients itself. Use GradWatch(clip=None) with this strategy"
+        )
+    scaler = getattr(trainer, "scaler", None)
+    if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+        for opt in getattr(trainer, "optimizers", []):
+            if getattr(opt, "_step_supports_amp_scaling", False):
+                raise ValueError(
+                    f"{who} cannot clip with {type(opt).__name__}(fused=True) under the "
+                    f"GradScaler of precision={trainer.precision!r}: a fused optimizer "
+                    "unscales inside its step, so the gradients are still loss-scaled when "
+                    "they could be clipped. Use a non-fused optimizer (foreach is fast too), "
+                    "bf16-mixed, or GradWatch(clip=None)"
+                )
 
 
 def _latest(reports: dict[int, Report]) -> dict[str, Any]:

@@ -22,7 +22,15 @@ from typing import Any
 from torch import nn
 
 from gradwatch.capture.discovery import Selector
-from gradwatch.integrations.monitor import DEFAULT_EVERY_N_STEPS, MonitorCore, StepSignals
+from gradwatch.integrations.monitor import (
+    DEFAULT_EVERY_N_STEPS,
+    ClipControl,
+    MonitorCore,
+    StepOutcome,
+    StepSignals,
+    scaler_info,
+)
+from gradwatch.outputs.clipping import ClipEvent
 from gradwatch.report import Report
 
 __all__ = ["Monitor"]
@@ -61,6 +69,17 @@ class Monitor:
         async_flags: Read the spike flag one step late without stalling the device
             (default: on CUDA). A spike at step ``s`` is then captured at step ``s + 2``;
             on the CPU it is captured at step ``s`` itself.
+        clip: Gradient clipping in :meth:`step` (see ``docs/clipping.md``); ``None`` (the
+            default) never touches gradients. A strategy name (``"norm"``, ``"value"``,
+            ``"autoclip"``, ``"zscore"``, ``"agc"``), a configured ``ClipStrategy`` or a
+            configured ``Clipper`` (then leave the ``clip_*`` arguments out).
+        clip_mode: ``"always"`` (default) or ``"reactive"`` (only on steps with a spike or
+            non-finite flag, or while the latest verdict is exploding or non-finite).
+        clip_scope: ``"all"`` (default: the parameters of the optimizer passed to
+            :meth:`step`, else the model's) or ``"recurrent"``.
+        clip_nonfinite: ``"skip"`` (default: every gradient of the step set to ``None``, so
+            ``optimizer.step()`` leaves the parameters and its state as they are),
+            ``"zero"`` or ``"leave"``.
 
     Raises:
         ValueError: An argument is invalid (the message names it).
@@ -80,6 +99,10 @@ class Monitor:
         thresholds: Any = None,
         scaler: Any = None,
         async_flags: bool | None = None,
+        clip: Any = None,
+        clip_mode: str | None = None,
+        clip_scope: str | None = None,
+        clip_nonfinite: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -96,11 +119,21 @@ class Monitor:
             thresholds=thresholds,
             async_flags=async_flags,
         )
+        self._clip = ClipControl.build(
+            clip,
+            clip_mode=clip_mode,
+            clip_scope=clip_scope,
+            clip_nonfinite=clip_nonfinite,
+            history=history,
+            warn=self.core.warn,
+        )
         self.model = model
         self.scaler = scaler
         self.global_step = 0
         self.core.bind(model, start_step=0)
         self.core.attach()
+        if self._clip is not None:
+            self._clip.bind(model, self.core.include, self.core.exclude)
 
     # -- driving -----------------------------------------------------------------------------
     def step(self, optimizer: Any = None) -> Report | None:
@@ -110,17 +143,61 @@ class Monitor:
         GradScaler: after ``scaler.unscale_(optimizer)`` if you call it, before
         ``scaler.step(optimizer)``). ``optimizer`` restricts the parameter-gradient signal
         to the modules it trains (useful with several optimizers).
+
+        With ``clip``, the gradients are then clipped in place (the event is in
+        :attr:`clip_events`). With a ``scaler``, pass the optimizer: its gradients are
+        unscaled here first with ``scaler.unscale_(optimizer)`` unless you already did
+        (``scaler.step`` does not unscale them twice). A skipped step (``nonfinite="skip"``)
+        leaves every gradient ``None``: the ``optimizer.step()`` that follows changes
+        nothing.
         """
         step = self.global_step
         self.global_step += 1
+        clip = self._clip
+        out: StepOutcome | None = None
         try:
-            out = self.core.finish_step(step, optimizer=optimizer, scaler=self.scaler)
+            out = self.core.finish_step(
+                step,
+                optimizer=optimizer,
+                scaler=self.scaler,
+                read_flags=clip is not None and clip.reactive,
+            )
         except Exception as e:  # monitoring must never crash training
             self.core.break_down(e)
+        if clip is not None:
+            self._unscale(optimizer)
+            clip.step(
+                step,
+                optimizer=optimizer,
+                model=self.model,
+                outcome=out,
+                verdicts=self.core.verdicts,
+                monitoring=self.core.broken is None,
+                scaler=self.scaler,
+            )
+        if out is None:
             return None
         for change in out.changes:
             self.core.warn(_change_message(change))
         return out.report
+
+    def _unscale(self, optimizer: Any) -> None:
+        """Unscale the gradients before clipping them, once (GradScaler's own bookkeeping)."""
+        scale, grads_scaled, _ = scaler_info(self.scaler, optimizer)
+        if scale is None or not grads_scaled:
+            return
+        if optimizer is None:
+            raise ValueError(
+                "Monitor(clip=..., scaler=...): pass the optimizer to step(optimizer) so that "
+                "its gradients can be unscaled before they are clipped"
+            )
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise ValueError(
+                f"Monitor(clip=...) cannot clip for {type(optimizer).__name__}(fused=True) "
+                "with a GradScaler: a fused optimizer unscales inside its step, so the "
+                "gradients are still loss-scaled here. Use a non-fused optimizer or clip=None"
+            )
+        self.scaler.unscale_(optimizer)
 
     def close(self) -> None:
         """Remove every hook and release everything recorded (idempotent)."""
@@ -159,13 +236,30 @@ class Monitor:
         """The watched modules."""
         return list(self.core.names)
 
+    @property
+    def clipper(self) -> Any:
+        """The `gradwatch.outputs.clipping.Clipper` in use (``None`` with ``clip=None``)."""
+        return None if self._clip is None else self._clip.clipper
+
+    @property
+    def clip_events(self) -> list[ClipEvent]:
+        """Recent clipping events (the last ``10 * history``): every step in ``"always"``
+        mode, the flagged steps in ``"reactive"`` mode, and every non-finite step."""
+        return [] if self._clip is None else list(self._clip.events)
+
     def state_dict(self) -> dict[str, Any]:
-        """Detector state and history: plain types and CPU tensors only."""
-        return {"global_step": self.global_step, **self.core.state_dict()}
+        """Detector state, history and clipping state: plain types and CPU tensors only."""
+        state = {"global_step": self.global_step, **self.core.state_dict()}
+        if self._clip is not None:
+            state["clip"] = self._clip.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
         step = state.pop("global_step", 0)
+        clip = state.pop("clip", None)
+        if self._clip is not None and clip is not None:
+            self._clip.load_state_dict(clip)
         self.core.load_state_dict(state)
         self.global_step = int(step)
         self.core._plan(self.global_step)
