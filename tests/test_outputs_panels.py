@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
+from gradwatch.outputs.clipping import ClipEvent
 from gradwatch.outputs.panels import PanelWriter, ProfileHistory
-from gradwatch.outputs.scalars import ClipEvent, scalars_for
+from gradwatch.outputs.scalars import scalars_for
 
 LAYOUT_TAG = "custom_scalars__config__"
 
@@ -243,7 +244,8 @@ def test_real_trace_report(tmp_path):
         out, _ = model(torch.randn(12, 2, 3))
         out.pow(2).mean().backward()
     report = tr.report()
-    scalars = scalars_for(report, param_grad_norms={"LSTM": 1.0}, clip=ClipEvent(1.0, 2.0, 1.0))
+    event = ClipEvent(0, "norm", 1.0, 2.0, 1.0, "always", False)
+    scalars = scalars_for(report, param_grad_norms={"LSTM": 1.0}, clip=event)
     name = next(iter(report))
     assert f"gradwatch/{name}/l1d0/hgrad_end" in scalars
     assert scalars[f"gradwatch/{name}/l0d0/hgrad_mean"] > 0

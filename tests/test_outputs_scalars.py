@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gradwatch.outputs import layout as layout_mod
+from gradwatch.outputs.clipping import ClipEvent
 from gradwatch.outputs.scalars import (
     VERDICT_CODES,
-    ClipEvent,
     clip_scalars,
     layer_tag,
     module_tag,
@@ -211,7 +211,15 @@ def test_caller_inputs_param_grad_norms_and_clipping():
     s = scalars_for(
         make_report(make_module("rnn", layers=1)),
         param_grad_norms={"rnn": torch.tensor(3.5), "other.gru": 0.25},
-        clip=ClipEvent(pre_norm=8.0, threshold=2.0, coefficient=0.25),
+        clip=ClipEvent(
+            3,
+            "norm",
+            total_norm=8.0,
+            threshold=2.0,
+            coefficient=0.25,
+            reason="always",
+            clipped=True,
+        ),
     )
     assert s["gradwatch/rnn/param_grad_norm"] == 3.5
     assert s["gradwatch/other.gru/param_grad_norm"] == 0.25
@@ -233,7 +241,7 @@ def test_layout_regexes_match_exactly_the_scalar_tags():
     scalars = scalars_for(
         make_report(*mods),
         param_grad_norms={"enc.rnn": 1.0},
-        clip=ClipEvent(1.0, 2.0, 1.0),
+        clip=ClipEvent(0, "norm", 1.0, 2.0, 1.0, "always", clipped=False),
     )
     layout = layout_mod.layout_for(["enc.rnn", "enc.rnn#1"])
     assert list(layout) == ["gradwatch: enc.rnn", "gradwatch"]  # one category per module

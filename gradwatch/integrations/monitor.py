@@ -972,15 +972,7 @@ class ClipControl:
         """``gradwatch/clip/*`` scalars of one event."""
         from gradwatch.outputs.scalars import clip_scalars
 
-        return clip_scalars(
-            {
-                "pre_norm": e.total_norm,
-                "threshold": math.nan if e.threshold is None else e.threshold,
-                "coefficient": e.coefficient,
-                "clipped": float(e.clipped),
-                "skipped": float(e.skip_step),
-            }
-        )
+        return clip_scalars(e)
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -94,6 +94,10 @@ def layout_for(
             "Multiline",
             [head + r"/clip/coefficient$"],
         ],
+        "clipping: steps clipped, steps skipped for non-finite gradients (1 = yes)": [
+            "Multiline",
+            [head + r"/clip/(clipped|skipped)$"],
+        ],
         "steps skipped by the GradScaler, gradient spikes (1 = yes)": [
             "Multiline",
             [head + r"/step/(skipped|spike)$"],

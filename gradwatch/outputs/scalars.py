@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from gradwatch.outputs.clipping.clipper import ClipEvent
 from gradwatch.report import VERDICTS, ModuleReport, Report
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "MODULE_METRICS",
     "PREFIX",
     "VERDICT_CODES",
-    "ClipEvent",
     "clip_scalars",
     "layer_tag",
     "module_scalars",
@@ -91,33 +90,18 @@ def layer_tag(module: str, layer: int, direction: int, metric: str, prefix: str 
     return f"{prefix}/{safe_name(module)}/l{layer}d{direction}/{metric}"
 
 
-@dataclass(frozen=True)
-class ClipEvent:
-    """One clipping decision: the norm before clipping, the threshold and the applied factor.
-
-    ``coefficient`` is what the gradients were multiplied by (1.0 when not clipped).
-    """
-
-    pre_norm: float
-    threshold: float
-    coefficient: float
-
-    @property
-    def clipped(self) -> bool:
-        return self.coefficient < 1.0
-
-
 def clip_scalars(event: ClipEvent | Mapping[str, float], prefix: str = PREFIX) -> dict[str, float]:
     """``gradwatch/clip/*`` tags for one clipping event (a `ClipEvent` or a mapping).
 
-    A mapping is taken key by key, so a clipper may report extra fields (``"z_score"``...).
+    A mapping is taken key by key, so a caller may report extra fields (``"z_score"``...).
     """
     if isinstance(event, ClipEvent):
         fields: dict[str, float] = {
-            "pre_norm": event.pre_norm,
-            "threshold": event.threshold,
+            "pre_norm": event.total_norm,
+            "threshold": math.nan if event.threshold is None else event.threshold,
             "coefficient": event.coefficient,
             "clipped": float(event.clipped),
+            "skipped": float(event.skip_step),
         }
     else:
         fields = dict(event)
