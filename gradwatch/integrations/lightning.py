@@ -160,6 +160,23 @@ class _GradWatch:
     ) -> None:
         if not isinstance(figures, bool):
             raise ValueError(f"figures must be True or False, got {figures!r}")
+        # What pickling keeps: the arguments, as plain data where possible (see __getstate__)
+        self._init_kwargs = _plain_arguments(
+            every_n_steps=every_n_steps,
+            include=include,
+            exclude=exclude,
+            spike_factor=spike_factor,
+            warmup_steps=warmup_steps,
+            history=history,
+            log_every_n_steps=log_every_n_steps,
+            thresholds=thresholds,
+            clip=clip,
+            clip_mode=clip_mode,
+            clip_scope=clip_scope,
+            clip_nonfinite=clip_nonfinite,
+            figures=figures,
+            async_flags=async_flags,
+        )
         self._core = MonitorCore(
             every_n_steps=every_n_steps,
             include=include,
@@ -367,13 +384,54 @@ class _GradWatch:
             log.info("gradwatch: the checkpoint holds no clipping state; clipping starts afresh")
 
     def __getstate__(self) -> dict[str, Any]:
-        # ddp_spawn pickles callbacks: no writer, and not the module's ``log``/``log_dict``
-        # that Lightning attaches to every callback during fit.
-        state = self.__dict__.copy()
-        state["_writer"] = None
-        state.pop("log", None)
-        state.pop("log_dict", None)
-        return state
+        # Pickled as plain data: the constructor arguments and the checkpoint state. ddp_spawn
+        # pickles callbacks, and libraries such as darts pickle them inside a saved model and
+        # load it with a safe (allow-list) unpickler: no gradwatch internals, no writer, not
+        # the ``log``/``log_dict`` that Lightning attaches to every callback during fit.
+        return {"init": dict(self._init_kwargs), "state": self.state_dict()}
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        self.__init__(**_from_plain(data["init"]))  # type: ignore[misc]
+        self.load_state_dict(data["state"])
+
+
+def _plain_arguments(**kwargs: Any) -> dict[str, Any]:
+    """Constructor arguments with types replaced by qualified names and thresholds by a
+    dict, so a pickled GradWatch holds (almost) nothing but builtins."""
+    for key in ("include", "exclude"):
+        if kwargs[key] is not None:
+            kwargs[key] = [
+                {"type": f"{s.__module__}:{s.__qualname__}"} if isinstance(s, type) else s
+                for s in kwargs[key]
+            ]
+    thresholds = kwargs["thresholds"]
+    if thresholds is not None and hasattr(thresholds, "as_dict"):
+        kwargs["thresholds"] = {"thresholds": thresholds.as_dict()}
+    return kwargs
+
+
+def _from_plain(kwargs: dict[str, Any]) -> dict[str, Any]:
+    import importlib
+
+    kwargs = dict(kwargs)
+    for key in ("include", "exclude"):
+        if kwargs.get(key) is not None:
+            items = []
+            for s in kwargs[key]:
+                if isinstance(s, dict) and "type" in s:
+                    module, _, qualname = s["type"].partition(":")
+                    obj: Any = importlib.import_module(module)
+                    for part in qualname.split("."):
+                        obj = getattr(obj, part)
+                    s = obj
+                items.append(s)
+            kwargs[key] = items
+    thresholds = kwargs.get("thresholds")
+    if isinstance(thresholds, dict) and "thresholds" in thresholds:
+        from gradwatch.verdicts import Thresholds
+
+        kwargs["thresholds"] = Thresholds(**thresholds["thresholds"])
+    return kwargs
 
 
 _UNSUPPORTED_STRATEGIES = {

@@ -693,6 +693,13 @@ class MonitorCore:
         """Detector state and history, made of plain types and CPU tensors only (loadable
         with ``torch.load(weights_only=True)``). Reports are not saved."""
         self.flush_signals()
+        pending = getattr(self, "_loaded", None)
+        if pending is not None:  # loaded before training started: hand it on unchanged
+            return {
+                **pending,
+                "tracker": self.tracker.state_dict(),
+                "signals": [s.as_dict() for s in self.signals],
+            }
         return {
             "version": 1,
             "names": list(self.names),

@@ -165,37 +165,16 @@ def _checkpointed(tmp_path, cb):
     return RNNModel(model="LSTM", training_length=16, model_name="gw", save_checkpoints=True, **kw)
 
 
-# What darts' safe loading must be told about to unpickle a model created with a GradWatch in
-# `pl_trainer_kwargs` (darts pickles the creation parameters, callbacks included, with the
-# model; its loader refuses any global that is not allow-listed).
-def _gradwatch_pickle_globals():
-    import collections
-
-    from gradwatch.integrations import lightning as gw_lightning
-    from gradwatch.integrations.monitor import MonitorCore
-    from gradwatch.verdicts.thresholds import Thresholds
-    from gradwatch.verdicts.tracker import VerdictTracker
-
-    return [
-        gradwatch.GradWatch,
-        MonitorCore,
-        gw_lightning._warn,
-        collections.deque,
-        VerdictTracker,
-        Thresholds,
-    ]
-
-
 def test_checkpoint_load_and_resume_with_the_callback(tmp_path):
     """``save_checkpoints=True`` then ``load_from_checkpoint`` and more training: the
     Lightning checkpoint (callback state: plain types and tensors) loads with darts' safe
-    loader; the pickled model needs gradwatch's classes allow-listed (see the xfail below)."""
+    loader; the pickled model needs only `gradwatch.GradWatch` allow-listed."""
     from darts.utils.serialization import safe_globals
 
     cb = gradwatch.GradWatch(every_n_steps=3, figures=False)
     _checkpointed(tmp_path, cb).fit(_series())
     assert list(cb.reports) == [0, 3, 6]
-    with safe_globals(_gradwatch_pickle_globals()):
+    with safe_globals([gradwatch.GradWatch]):
         loaded = RNNModel.load_from_checkpoint("gw", work_dir=str(tmp_path), best=False)
     loaded.fit(_series(), epochs=2)  # one more epoch from the checkpoint
     (resumed,) = _watchers(loaded)
@@ -206,14 +185,6 @@ def test_checkpoint_load_and_resume_with_the_callback(tmp_path):
         check_module_report(report["rnn"], kind="LSTM", layers=LAYERS, steps=16, batch=BATCH)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gradwatch: GradWatch pickles its whole MonitorCore (MonitorCore, _warn, deque, "
-        "VerdictTracker, Thresholds), so darts' safe loading needs six globals allow-listed, "
-        "not just gradwatch.GradWatch"
-    ),
-)
 def test_checkpoint_loads_with_only_gradwatch_allow_listed(tmp_path):
     from darts.utils.serialization import safe_globals
 
