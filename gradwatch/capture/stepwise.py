@@ -32,9 +32,11 @@ class Step:
     total_h: Tensor | None = None  # gradient at the step's hidden state (all consumers)
     total_c: Tensor | None = None  # LSTMCell: gradient at c_t from outside the cell call
     carried: list[Tensor | None] = field(default_factory=list)  # from the next step's nodes
-    # LSTMCell: what is needed to add the path c_t -> h_t to dL/dc_t
+    # cells: the step's input, the state it started from and its outputs (detached), for
+    # the path c_t -> h_t of an LSTMCell and for the propagation diagnostics
     x: Tensor | None = None
-    hx: tuple[Tensor, Tensor] | None = None
+    hx: tuple[Tensor, ...] | None = None
+    h: Tensor | None = None
     c: Tensor | None = None
     c_hook_has_h_path: bool = False  # whether the hook on c_t already sees the h_t path
 

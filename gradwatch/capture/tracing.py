@@ -236,8 +236,8 @@ class Trace:
                 bound = max((t.grad_fn._sequence_nr() for t in inputs if t.grad_fn), default=-1)
                 carry = (seq.steps[-1], state, bound)
             step = Step(x=x.detach())
-            if state is not None and len(state) == 2:
-                step.hx = (state[0].detach(), state[1].detach())
+            if state is not None:  # the state the step started from, for the diagnostics
+                step.hx = tuple(s.detach() for s in state)
             seq.steps.append(step)
             self._pending_cells[module] = (seq, step, carry)
             return None
@@ -275,8 +275,10 @@ class Trace:
             h, c = output if isinstance(output, tuple) else (output, None)
             if carry is not None:
                 self._hook_carried(seq, *carry, (h,) if c is None else (h, c))
-            if step.hx is None and c is not None:  # LSTMCell started from zeros
-                step.hx = (torch.zeros_like(h.detach()), torch.zeros_like(c.detach()))
+            if step.hx is None:  # the cell started from zeros
+                parts = (h,) if c is None else (h, c)
+                step.hx = tuple(torch.zeros_like(p.detach()) for p in parts)
+            step.h = h.detach()
             self._hook_step(seq, h, step, "total_h")
             if c is not None:
                 step.c = c.detach()
