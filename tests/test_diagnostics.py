@@ -315,3 +315,57 @@ def test_very_short_sequences_are_healthy_not_nonfinite(steps):
         m = _trace_last_step_loss(module, torch.randn(steps, 2, 3))[type(module).__name__]
         assert m.verdict == "healthy"
         assert m.propagation.shape[-1] == steps and m.propagation[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize(
+    ("fused_cls", "cell_cls", "kw"),
+    [
+        (nn.LSTM, nn.LSTMCell, {}),
+        (nn.GRU, nn.GRUCell, {}),
+        (nn.RNN, nn.RNNCell, {"nonlinearity": "tanh"}),
+        (nn.RNN, nn.RNNCell, {"nonlinearity": "relu"}),
+    ],
+)
+def test_cell_loop_gets_the_same_propagation_as_the_fused_module(fused_cls, cell_cls, kw):
+    """A cell loop's diagnostics come from the cell's own step Jacobians, rebuilt from the
+    recorded steps: identical to the fused module's with the same weights and inputs."""
+    torch.manual_seed(0)
+    fused = fused_cls(3, 6, **kw).double()
+    cell = cell_cls(3, 6, **kw).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(fused, name + "_l0"))
+    x = torch.randn(15, 4, 3, dtype=torch.float64)
+    a = _trace_last_step_loss(fused, x)[fused_cls.__name__]
+    with gradwatch.trace(cell) as tr:
+        state = None
+        outs = []
+        for t in range(15):
+            state = cell(x[t], state)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        (torch.stack(outs) ** 2).sum().backward()
+    b = tr.report()[cell_cls.__name__]
+    assert b.source == "hooks" and b.propagation is not None
+    torch.testing.assert_close(b.propagation, a.propagation, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.gain, a.gain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(b.causes.act_derivative, a.causes.act_derivative)
+    assert b.verdict == a.verdict
+
+
+def test_cell_subclass_that_changes_the_step_falls_back_to_the_estimate():
+    class Leaky(nn.RNNCell):
+        def forward(self, x, h=None):
+            new = super().forward(x, h)
+            return new if h is None else 0.5 * h + 0.5 * new
+
+    torch.manual_seed(0)
+    cell = Leaky(3, 6)
+    x = torch.randn(20, 4, 3)
+    with gradwatch.trace(cell) as tr:
+        h = None
+        for t in range(20):
+            h = cell(x[t], h)
+        h.pow(2).sum().backward()
+    m = tr.report()["Leaky"]
+    assert m.propagation is None  # the cell's equations do not describe these steps
+    assert m.gain[0, 0].item() == pytest.approx(m.actual_gain[0, 0].item())

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from gradwatch.capture.recurrences import LayerWeights, Recurrence, make_recurrence
-from gradwatch.capture.stats import sample_norms, step_mean
+from gradwatch.capture.stats import relative_deviation, sample_norms, step_mean
 from gradwatch.quantities import QuantityOptions, fused_quantities, to_host
 from gradwatch.quantities.causes import sampled_steps
 from gradwatch.report import ModuleReport
@@ -218,25 +218,6 @@ def _layer_weights(call: FusedCall, dtype: torch.dtype) -> dict[tuple[int, int],
     return result
 
 
-def _deviation(replayed: list[Tensor], real: list[Tensor]) -> Tensor:
-    """Largest deviation of replayed from real values, relative to the largest real value
-    over all the compared tensors (one scale, so a state that happens to be near zero does
-    not inflate the figure). Matching non-finite values count as equal. A device scalar:
-    it reaches the host with the rest of the report, in one copy."""
-    worst, scale = [], []
-    for a, b in zip(replayed, real, strict=True):
-        if not b.numel():
-            continue
-        same = (a == b) | (a.isnan() & b.isnan())
-        diff = torch.where(same, torch.zeros((), dtype=b.dtype, device=b.device), (a - b).abs())
-        worst.append(diff.max())
-        scale.append(b.abs().nan_to_num(0.0, 0.0, 0.0).max())
-    if not worst:
-        return torch.zeros(())
-    tiny = torch.finfo(torch.float32).tiny
-    return torch.stack(worst).max() / torch.stack(scale).max().clamp(min=tiny)
-
-
 @dataclass
 class Replay:
     """Everything the replay of one call produced."""
@@ -387,7 +368,7 @@ def _replay(call: FusedCall, input_grad: bool) -> Replay:
     if call.c_n is not None:
         replayed.append(torch.stack(c_n))
         real.append(_real_state(call.c_n, lay, dtype))
-    fidelity = _deviation(replayed, real)
+    fidelity = relative_deviation(replayed, real)
 
     # Backward walk, top-down, with the observed output gradients injected.
     grad_hn = _state(call.grads.get("h_n"), lay.unbatched, dtype)

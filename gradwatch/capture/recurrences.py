@@ -157,6 +157,19 @@ class Recurrence:
         when the nonlinearity is a ReLU."""
         raise NotImplementedError
 
+    def from_states(self, x: Tensor, h_prev: Tensor, c_prev: Tensor | None) -> Tensor:
+        """Set up the trajectory from recorded steps, as a cell loop leaves them: the inputs
+        ``x`` and the states each step started from (``[T, B, *]``), every step computed
+        from its real previous state at once. Returns the recomputed outputs ``[T, B, P]``
+        (to check them against the recorded ones)."""
+        raise NotImplementedError
+
+    def _pre_activations(self, x: Tensor, h_prev: Tensor, fold_hh_bias: bool = True) -> Tensor:
+        """``x W_ih^T + h_prev W_hh^T + b`` for all steps: two large matrix products."""
+        pre = self.project_inputs(x, fold_hh_bias)
+        pre.view(-1, pre.shape[-1]).addmm_(h_prev.reshape(-1, h_prev.shape[-1]), self.w.w_hh.t())
+        return pre
+
     # -- interface -----------------------------------------------------------------------
     def forward(
         self,
@@ -263,6 +276,12 @@ class SimpleRecurrence(Recurrence):
         da = _zero_invalid(valid, t, da)
         return da, self._to_state(da), None, None
 
+    def from_states(self, x, h_prev, c_prev):
+        self.steps = x.shape[0]
+        pre = self._pre_activations(x, h_prev)
+        self._h = torch.relu(pre) if self.relu else tanh(pre, out=pre)
+        return self._h
+
     def trajectory(self, steps):
         h = self._h[steps]
         if self.relu:
@@ -339,7 +358,9 @@ class LSTMRecurrence(Recurrence):
             return torch.cat([seq[1:], first[None]])
         return torch.cat([first[None], seq[:-1]])
 
-    def _coefficients(self, acts: Tensor, cells: Tensor, tanh_c: Tensor, c0: Tensor) -> None:
+    def _coefficients(
+        self, acts: Tensor, cells: Tensor, tanh_c: Tensor, c0: Tensor, c_prev: Tensor | None = None
+    ) -> None:
         """Per-step backward coefficients for all steps at once (few whole-sequence passes:
         these are memory-bound, and the replay is cheap only if they stay few)."""
         H = self.hidden_size
@@ -358,15 +379,31 @@ class LSTMRecurrence(Recurrence):
         k_i, k_f, k_g = k[..., :H], k[..., H : 2 * H], k[..., 2 * H :]
         torch.addcmul(i, i, i, value=-1, out=k_i).mul_(g)  # g * i * (1 - i)
         torch.addcmul(f, f, f, value=-1, out=k_f)  # f * (1 - f), times c_(t-1) below
-        # the cell state each step started from: the neighbour in processing order
-        first, rest = (
-            (slice(-1, None), slice(None, -1)) if self.reverse else (slice(0, 1), slice(1, None))
-        )
-        neighbours = cells[1:] if self.reverse else cells[:-1]
-        k_f[rest].mul_(neighbours)
-        k_f[first].mul_(c0)
+        # the cell state each step started from: given, or the neighbour in processing order
+        if c_prev is not None:
+            k_f.mul_(c_prev)
+        else:
+            first, rest = (
+                (slice(-1, None), slice(None, -1))
+                if self.reverse
+                else (slice(0, 1), slice(1, None))
+            )
+            k_f[rest].mul_(cells[1:] if self.reverse else cells[:-1])
+            k_f[first].mul_(c0)
         torch.addcmul(one, g, g, value=-1, out=k_g).mul_(i)  # i * (1 - g^2)
         self._k_ifg = k
+
+    def from_states(self, x, h_prev, c_prev):
+        H = self.hidden_size
+        self.steps = x.shape[0]
+        acts = self._pre_activations(x, h_prev)
+        acts[..., : 3 * H].sigmoid_()
+        g = acts[..., 3 * H :]
+        tanh(g, out=g)
+        cells = torch.addcmul(acts[..., 2 * H : 3 * H] * c_prev, acts[..., H : 2 * H], g)
+        tanh_c = tanh(cells)
+        self._coefficients(acts, cells, tanh_c, c_prev[0], c_prev=c_prev)
+        return acts[..., :H] * tanh_c
 
     def _forward_known(self, x: Tensor, h0: Tensor, c0: Tensor, known_out: Tensor):
         """Every step from the real previous output at once: one large matrix product for
@@ -514,6 +551,19 @@ class GRURecurrence(Recurrence):
         d_h = _zero_invalid(valid, t, torch.cat([dar, daz, dan * r], dim=1))
         dh_prev = self._to_state(d_h) + _zero_invalid(valid, t, dh * z)
         return d_x, dh_prev, None, None
+
+    def from_states(self, x, h_prev, c_prev):
+        H = self.hidden_size
+        self.steps = x.shape[0]
+        xp = self.project_inputs(x, fold_hh_bias=False)
+        gh = torch.matmul(h_prev, self.w.w_hh.t())
+        if self.w.b_hh is not None:
+            gh = gh + self.w.b_hh
+        rz = torch.sigmoid(xp[..., : 2 * H] + gh[..., : 2 * H])
+        n = tanh(xp[..., 2 * H :] + rz[..., :H] * gh[..., 2 * H :])
+        self._acts, self._hn, self._h_prev = torch.cat([rz, n], -1), gh[..., 2 * H :], h_prev
+        z = rz[..., H:]
+        return n + z * (h_prev - n)
 
     def candidate_block(self):
         H = self.hidden_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sample_norms", "step_mean"]
+__all__ = ["relative_deviation", "sample_norms", "step_mean"]
 
 
 def sample_norms(x: Tensor) -> Tensor:
@@ -29,3 +29,22 @@ def step_mean(norms: Tensor, valid: Tensor | None) -> Tensor:
     count = valid.sum(dim=-1).clamp_min(1)
     total = torch.where(valid, norms, torch.zeros((), dtype=norms.dtype)).sum(dim=-1)
     return (total / count).float()
+
+
+def relative_deviation(replayed: list[Tensor], real: list[Tensor]) -> Tensor:
+    """Largest deviation of replayed from real values, relative to the largest real value
+    over all the compared tensors (one scale, so a state that happens to be near zero does
+    not inflate the figure). Matching non-finite values count as equal. A device scalar:
+    it reaches the host with the rest of the report, in one copy."""
+    worst, scale = [], []
+    for a, b in zip(replayed, real, strict=True):
+        if not b.numel():
+            continue
+        same = (a == b) | (a.isnan() & b.isnan())
+        diff = torch.where(same, torch.zeros((), dtype=b.dtype, device=b.device), (a - b).abs())
+        worst.append(diff.max())
+        scale.append(b.abs().nan_to_num(0.0, 0.0, 0.0).max())
+    if not worst:
+        return torch.zeros(())
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.stack(worst).max() / torch.stack(scale).max().clamp(min=tiny)

@@ -17,12 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradwatch.capture.stats import sample_norms
-from gradwatch.quantities import stepwise_quantities, to_host
+from gradwatch.capture.recurrences import LayerWeights, make_recurrence
+from gradwatch.capture.stats import relative_deviation, sample_norms
+from gradwatch.quantities import fused_quantities, stepwise_quantities, to_host
 from gradwatch.report import ModuleReport
 from gradwatch.verdicts import Thresholds, diagnose
 
 __all__ = ["StepSequence", "build_step_report"]
+
+_CELL_MODES = {nn.LSTMCell: "LSTM", nn.GRUCell: "GRU", nn.RNNCell: "RNN_TANH"}
 
 
 @dataclass
@@ -113,6 +116,53 @@ def consumes(out: Tensor, source: Tensor, depth: int = 4) -> bool:
     return False
 
 
+# Largest deviation of the recomputed cell outputs from the recorded ones for the propagation
+# curve to be trusted (recorded under autocast, outputs are low precision: looser).
+_CELL_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9}
+
+
+def _cell_trajectory(seq: StepSequence, device: torch.device):
+    """The cell's recurrence set up from the recorded steps, the deviation of its recomputed
+    outputs from the recorded ones (device scalar), the weight that keys the power
+    iterations and the batch size; ``None`` when the steps cannot be stacked (varying batch,
+    missing records)."""
+    cell, steps = seq.module, seq.steps
+    mode = next((m for cls, m in _CELL_MODES.items() if isinstance(cell, cls)), None)
+    if mode is None or not steps:
+        return None
+    if any(st.x is None or st.hx is None or st.h is None for st in steps):
+        return None
+    if mode == "RNN_TANH" and getattr(cell, "nonlinearity", "tanh") == "relu":
+        mode = "RNN_RELU"
+    dtype = torch.float64 if cell.weight_hh.dtype == torch.float64 else torch.float32
+
+    def stacked(parts: list[Tensor]) -> Tensor:
+        return torch.stack(
+            [(p if p.dim() == 2 else p.unsqueeze(0)).to(device, dtype) for p in parts]
+        )
+
+    try:
+        x = stacked([st.x for st in steps])
+        h_prev = stacked([st.hx[0] for st in steps])
+        c_prev = stacked([st.hx[1] for st in steps]) if mode == "LSTM" else None
+        real = stacked([st.h for st in steps])
+    except RuntimeError:  # steps of different batch sizes
+        return None
+
+    def weight(name: str) -> Tensor | None:
+        w = getattr(cell, name, None)
+        return None if w is None else w.detach().to(device, dtype)
+
+    weights = LayerWeights(
+        weight("weight_ih"), weight("weight_hh"), weight("bias_ih"), weight("bias_hh")
+    )
+    rec = make_recurrence(mode, weights, reverse=False)
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        out = rec.from_states(x, h_prev, c_prev)
+        deviation = relative_deviation([out], [real])
+    return rec, deviation, cell.weight_hh, x.shape[1]
+
+
 def _lstm_cell_path(cell: nn.LSTMCell, step: Step, dh: Tensor) -> Tensor:
     """The gradient reaching c_t through h_t = o * tanh(c_t) inside the same cell call."""
     assert step.x is not None and step.hx is not None and step.c is not None
@@ -173,7 +223,21 @@ def build_step_report(seq: StepSequence, thresholds: Thresholds | None = None) -
         for k, col in columns.items()
         if k != "cell_total" or is_lstm
     }
-    host = to_host({**stats, **stepwise_quantities(stats)})  # the only device-to-host copy
+    device_values = {**stats, **stepwise_quantities(stats)}
+    cell = _cell_trajectory(seq, device)
+    if cell is not None:  # a cell loop: the true propagation through the cell's Jacobians
+        rec, deviation, key, batch_size = cell
+        lengths = torch.full((batch_size,), T)
+        device_values.update(fused_quantities({(0, 0): rec}, None, lengths, stats, {(0, 0): key}))
+        device_values["deviation"] = deviation.reshape(())
+    host = to_host(device_values)  # the only device-to-host copy
+    deviation = host.pop("deviation", None)
+    if deviation is not None and not float(deviation) <= _CELL_TOLERANCE[rec.w.w_hh.dtype]:
+        # the recorded steps do not follow the cell's equations (a subclass?): fall back to
+        # the estimate from the actual gradient rather than report a wrong propagation
+        for k in [k for k in host if k not in ("total", "carried", "direct", "cell_total")]:
+            if k != "actual_gain":
+                host.pop(k)
     report = ModuleReport(
         name=seq.name,
         module_name=seq.module_name,
