@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gradwatch tests examples benchmarks
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/adding_problem.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/replay_cost.py

@@ -16,7 +16,7 @@ of 1 (Jozefowicz, Zaremba & Sutskever, 2015), so its forget gates start around
 sigmoid(1) = 0.73 instead of 0.5 and its cell path carries the gradient much further. A
 default-initialised LSTM is traced too, to show how much that bias matters.
 
-Run it with ``make demo`` or ``python examples/demo.py``. It takes a few seconds on a CPU.
+Run it with ``python examples/trace_table.py``. It takes a few seconds on a CPU.
 """
 
 from __future__ import annotations
