@@ -1,5 +1,6 @@
 """gradwatch: see vanishing and exploding gradients through time in recurrent networks."""
 
+import logging
 from typing import Any
 
 from gradwatch.capture import Trace, mark_state, trace
@@ -13,6 +14,11 @@ from gradwatch.errors import (
 from gradwatch.report import Causes, Explanation, ModuleReport, NonfiniteLocation, Report
 
 __version__ = "0.1.0.dev0"
+
+# A library leaves logging configuration to the application: without a handler of its own,
+# records on the "gradwatch" logger are not printed a second time next to the warnings the
+# callback raises (configure logging, or logging.captureWarnings, to route them).
+logging.getLogger("gradwatch").addHandler(logging.NullHandler())
 
 # Imported on first use: Lightning takes seconds to import and plain-PyTorch users need none of it.
 _LAZY = {

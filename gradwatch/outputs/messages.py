@@ -168,7 +168,8 @@ def change_message(
     others = _others(m, new, layer, direction)
     if others:
         lines.append(f"  also {new}: {others}.")
-    measured = _measured(m, layer, direction, seq_len)
+    # with non-finite gradients the gain and horizon are not measurements: leave them out
+    measured = "" if new == "nonfinite" else _measured(m, layer, direction, seq_len)
     if new == "nonfinite" and m.nonfinite_at is not None:
         lines.append(
             f"  first non-finite gradient, in backward order (the order the gradient travels "
