@@ -8,9 +8,12 @@ noise on the (shared) machine hits them alike: no callback; ``GradWatch()`` at i
 At the defaults a run has two kinds of steps: cheap ones (signals only) and one capture
 every ``every_n_steps``. The default ratio is their amortised mean,
 ``((N - 1) * cheap + capture) / (N * baseline)`` with ``N = every_n_steps``; the cheap step
-is measured in the default run, the capture step in the every-step run.
+is measured in the default run, the capture step in the every-step run. With
+``--interleave`` the baseline and cheap steps come from the same runs instead, GradWatch
+switched off every other step: on a shared machine whole runs drift by several percent (a
+run lands in a fast or a slow regime), which pairing within a run cancels.
 
-    .venv/bin/python benchmarks/callback_overhead.py [--rounds 5] [--steps 12]
+    .venv/bin/python benchmarks/callback_overhead.py [--rounds 5] [--steps 12] [--interleave]
 """
 
 from __future__ import annotations
@@ -33,16 +36,21 @@ def _lightning():
     return L
 
 
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
 class Timer:
+    clock = staticmethod(time.perf_counter)
+
     def __init__(self) -> None:
         self.times: list[float] = []
         self._t = 0.0
 
     def on_train_batch_start(self, *args) -> None:
-        self._t = time.perf_counter()
+        self._t = self.clock()
 
     def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._t)
+        self.times.append(self.clock() - self._t)
 
 
 def make_models():
@@ -92,9 +100,9 @@ def make_models():
     }
 
 
-def run(model_cls, data, steps: int, callback) -> list[float]:
+def run(model_cls, data, steps: int, callback, clock: str = "wall") -> list[float]:
     L = _lightning()
-    timer_cls = type("StepTimer", (Timer, L.Callback), {})
+    timer_cls = type("StepTimer", (Timer, L.Callback), {"clock": staticmethod(CLOCKS[clock])})
     timer = timer_cls()
     torch.manual_seed(0)
     trainer = L.Trainer(
@@ -110,11 +118,63 @@ def run(model_cls, data, steps: int, callback) -> list[float]:
     return timer.times[2:]  # the first steps warm up allocators and caches
 
 
+class Switch:
+    """Turns a GradWatch on for even steps and off for odd ones (hooks removed, the step not
+    closed), before the step's timer starts: both kinds of step in one run, paired."""
+
+    def __init__(self, gw, timer) -> None:
+        self.gw, self.timer = gw, timer
+        self.on: list[bool] = []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        on = trainer.global_step % 2 == 0
+        if on and not self.gw._training:
+            self.gw._core.attach()
+            self.gw._training = True
+        elif not on and self.gw._training:
+            self.gw._core.detach()
+            self.gw._training = False
+        self.on.append(on)
+
+
+def run_interleaved(model_cls, data, steps: int, clock: str) -> tuple[list[float], list[float]]:
+    """``(off steps, on steps)`` of one run of ``GradWatch()`` switched every other step."""
+    L = _lightning()
+    timer = type("StepTimer", (Timer, L.Callback), {"clock": staticmethod(CLOCKS[clock])})()
+    gw = gradwatch.GradWatch()
+    switch = type("Switch", (Switch, L.Callback), {})(gw, timer)
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_steps=steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[switch, timer, gw],
+    )
+    trainer.fit(model_cls(), torch.utils.data.DataLoader(data, batch_size=32))
+    pairs = list(zip(switch.on, timer.times, strict=True))[2:]  # step 0 is the capture
+    return [t for on, t in pairs if not on], [t for on, t in pairs if on]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: time.perf_counter; thread: CPU time of the training thread (with one "
+        "thread, all of a step's work; insensitive to other processes on shared cores)",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="measure baseline and cheap steps in the same runs, GradWatch switched on and "
+        "off every other step (paired: immune to run-to-run drift of the machine)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -129,9 +189,16 @@ def main() -> None:
     for label, (model_cls, data) in make_models().items():
         base, cheap, every = [], [], []
         for _ in range(args.rounds):
-            base += run(model_cls, data, args.steps, None)
-            cheap += run(model_cls, data, args.steps, gradwatch.GradWatch())
-            every += run(model_cls, data, args.steps, gradwatch.GradWatch(every_n_steps=1))
+            if args.interleave:
+                off, on = run_interleaved(model_cls, data, 2 * args.steps, args.clock)
+                base += off
+                cheap += on
+            else:
+                base += run(model_cls, data, args.steps, None, args.clock)
+                cheap += run(model_cls, data, args.steps, gradwatch.GradWatch(), args.clock)
+            every += run(
+                model_cls, data, args.steps, gradwatch.GradWatch(every_n_steps=1), args.clock
+            )
         b, c, e = (statistics.median(x) for x in (base, cheap, every))
         rows.append((label, b, c, e, ((n - 1) * c + e) / (n * b), c / b, e / b))
 
@@ -147,7 +214,8 @@ def main() -> None:
         )
     print(
         f"\ntorch {torch.__version__}, {args.threads} thread(s), {args.rounds} alternating "
-        f"rounds of {args.steps} steps (first 2 of each run dropped), medians"
+        f"rounds of {args.steps} steps (first 2 of each run dropped), medians, {args.clock} clock"
+        + (", baseline and cheap steps interleaved in the same runs" if args.interleave else "")
     )
 
 

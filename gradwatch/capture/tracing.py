@@ -379,7 +379,7 @@ class Session(Trace):
     Hooks stay registered between :meth:`attach` and :meth:`detach`. For every window the
     owner sets a plan (:meth:`plan`): with ``capture`` every fused call is recorded and every
     cell step and marked state hooked, so that :meth:`finish` can return exact reports; with
-    only ``retain`` fused calls are recorded (references plus a copy of their output
+    only ``retain`` fused calls are recorded (references to their tensors and their output
     gradients) so that the window can still be replayed if :meth:`finish` is asked to, while
     cells and marked states are left alone; with neither, the hooks on the fused outputs only
     accumulate the norm of the gradient injected into each watched module (on the device, no
@@ -409,7 +409,7 @@ class Session(Trace):
         self._capture = False
         self._retain = False
         self.disabled: dict[str, str] = {}
-        self._injected: list[Tensor | None] = [None] * len(self.names)
+        self._injected: list[Tensor | float | None] = [None] * len(self.names)
         self._boundary = False  # a backward pass completed since the last recorded call
         self._mb_counts: dict[str, int] = {}
         self._key_of: dict[str, str] = {}  # unique call name -> per-micro-batch key
@@ -479,9 +479,10 @@ class Session(Trace):
         return self._capture
 
     # -- cheap signal ------------------------------------------------------------------------
-    def take_injected(self) -> list[Tensor | None]:
-        """Per watched module, the L2 norm (float64, on the gradients' device) of every
-        gradient that reached its outputs since the last call; ``None`` where none did."""
+    def take_injected(self) -> list[Tensor | float | None]:
+        """Per watched module, the L2 norm of every gradient that reached its outputs since
+        the last call; ``None`` where none did. A float64 tensor on the gradients' device
+        (no host synchronisation), or a Python float for gradients on the CPU."""
         out, self._injected = self._injected, [None] * len(self.names)
         return out
 
@@ -489,9 +490,30 @@ class Session(Trace):
         i = self._index.get(module_name)
         if i is None:
             return
-        n = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
+        g = grad.detach()
         old = self._injected[i]
+        if g.device.type == "cpu" and not isinstance(old, Tensor):
+            from math import hypot
+
+            v = self._host_norm(g)
+            self._injected[i] = v if old is None else hypot(old, v)
+            return
+        n = torch.linalg.vector_norm(g, dtype=torch.float64)
+        if old is not None and not isinstance(old, Tensor):
+            old = torch.tensor(old, dtype=torch.float64, device=n.device)
         self._injected[i] = n if old is None else torch.hypot(old, n)
+
+    @staticmethod
+    def _host_norm(g: Tensor) -> float:
+        """The L2 norm of a CPU tensor as a float. A float32 reduction (4x cheaper than a
+        float64 one on the CPU), redone in float64 when its squares may have overflowed or
+        underflowed (outside [1e-10, 1e18]): reading the value on the CPU costs nothing."""
+        if g.dtype == torch.float64:
+            return float(torch.linalg.vector_norm(g))
+        v = float(torch.linalg.vector_norm(g, dtype=torch.float32))
+        if not 1e-10 <= v <= 1e18:
+            v = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+        return v
 
     def _on_light_grad(self, module_name: str, grad: Tensor | None) -> None:
         if grad is None:
@@ -531,11 +553,20 @@ class Session(Trace):
     def _on_fused_grad(self, call: FusedCall, slot: str, grad: Tensor | None) -> None:
         if grad is None:
             return
+        grad = grad.detach()
         try:
             self._add_injected(call.module_name, grad)
         except Exception as e:  # monitoring must never crash training
             self._failures.setdefault(call.module_name, f"could not measure a gradient: {e!r}")
-        super()._on_fused_grad(call, slot, grad)
+        try:
+            # Kept by reference, not copied (this runs at every step on the CPU): autograd
+            # never writes into a gradient that someone else still holds (its in-place
+            # accumulation needs the only reference), and the replay only reads it.
+            old = call.grads.get(slot)
+            call.grads[slot] = grad if old is None else old + grad
+            self._queue_finish()
+        except Exception as e:  # monitoring must never crash training
+            self._failures[call.name] = f"could not record a gradient: {e!r}"
 
     def _finish_backward(self) -> None:
         # Only mark the micro-batch boundary: the replay waits for finish().
