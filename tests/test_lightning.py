@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import pickle
 import warnings
 
@@ -389,3 +390,11 @@ def test_tensorboard_logger_receives_scalars(tmp_path):
     assert any(t.startswith("gradwatch/rnn/l0d0/gain") for t in tags)
     steps = [e.step for e in acc.Scalars("gradwatch/rnn/param_grad_norm")]
     assert steps == [0, 1, 2, 3]
+
+
+def test_summary_table_is_shown_like_lightnings_own_messages(caplog):
+    cb = gradwatch.GradWatch(every_n_steps=2)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.gradwatch"):
+        _trainer(callbacks=[cb], max_steps=2).fit(LM("GRU"), _data())
+    tables = [r.getMessage() for r in caplog.records if r.name == "lightning.pytorch.gradwatch"]
+    assert len(tables) == 1 and "gradwatch summary" in tables[0] and "rnn" in tables[0]

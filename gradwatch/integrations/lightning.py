@@ -351,7 +351,14 @@ class _GradWatch:
             if latest and trainer.is_global_zero:
                 from gradwatch.outputs.messages import summary_table
 
-                log.info("%s", summary_table(latest))
+                table = summary_table(latest)
+                log.info("%s", table)
+                # shown like Lightning's own messages: a child of the Trainer's namespace
+                # logger, which Lightning gives a console handler at INFO level
+                root = "pytorch_lightning"
+                if type(trainer).__module__.startswith("lightning."):
+                    root = "lightning.pytorch"
+                logging.getLogger(f"{root}.gradwatch").info("%s", table)
         except Exception as e:
             log.debug("gradwatch: no summary table: %r", e)
 
