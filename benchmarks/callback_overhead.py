@@ -100,6 +100,36 @@ def make_models():
     }
 
 
+def make_grid_models():
+    """The overhead grid (``--grid``): a sequence classifier (one layer, T=64, batch 32, class
+    from the last state) for each fused module kind at two sizes."""
+    L = _lightning()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32 * 64, 64, 32, generator=g), torch.randint(0, 10, (32 * 64,), generator=g)
+    )
+    models = {}
+    for kind in ("RNN", "LSTM", "GRU"):
+        for hidden in (64, 256):
+
+            class Grid(L.LightningModule):
+                def __init__(self, kind: str = kind, hidden: int = hidden) -> None:
+                    super().__init__()
+                    self.rnn = getattr(nn, kind)(32, hidden)
+                    self.head = nn.Linear(hidden, 10)
+
+                def training_step(self, batch, batch_idx):
+                    x, y = batch
+                    out, _ = self.rnn(x.transpose(0, 1))
+                    return nn.functional.cross_entropy(self.head(out[-1]), y)
+
+                def configure_optimizers(self):
+                    return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+            models[f"{kind} 1x{hidden}, T=64, B=32"] = (Grid, data)
+    return models
+
+
 def run(model_cls, data, steps: int, callback, clock: str = "wall") -> list[float]:
     L = _lightning()
     timer_cls = type("StepTimer", (Timer, L.Callback), {"clock": staticmethod(CLOCKS[clock])})
@@ -175,6 +205,12 @@ def main() -> None:
         help="measure baseline and cheap steps in the same runs, GradWatch switched on and "
         "off every other step (paired: immune to run-to-run drift of the machine)",
     )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="the overhead grid instead of the two reference models: nn.RNN, nn.LSTM and "
+        "nn.GRU classifiers at hidden sizes 64 and 256",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -186,7 +222,8 @@ def main() -> None:
 
     n = DEFAULT_EVERY_N_STEPS
     rows = []
-    for label, (model_cls, data) in make_models().items():
+    models = make_grid_models() if args.grid else make_models()
+    for label, (model_cls, data) in models.items():
         base, cheap, every = [], [], []
         for _ in range(args.rounds):
             if args.interleave:
