@@ -147,11 +147,8 @@ def quiet_lightning() -> None:
         gw_log.propagate = False
 
 
-def run_unclipped(args: argparse.Namespace) -> dict[str, Any]:
-    """Lightning + GradWatch, no clipping: diverges."""
-    pl.seed_everything(args.seed, verbose=False)
-    module = LitIRNN(IRNN(args.hidden, args.scale), args.lr)
-    gw = GradWatch(every_n_steps=args.every_n_steps)
+def _fit(args: argparse.Namespace, module: LitIRNN, gw: GradWatch, version: str) -> None:
+    """Train ``module`` on the run's batches with ``gw``, logging to runs/<example>/<version>."""
     loader = torch.utils.data.DataLoader(
         Batches(args.steps, args.batch_size, args.length, args.seed), batch_size=None
     )
@@ -159,7 +156,7 @@ def run_unclipped(args: argparse.Namespace) -> dict[str, Any]:
         max_steps=args.steps,
         accelerator="cpu",
         devices=1,
-        logger=TensorBoardLogger(save_dir=args.logdir, name=EXAMPLE, version="unclipped"),
+        logger=TensorBoardLogger(save_dir=args.logdir, name=EXAMPLE, version=version),
         callbacks=[gw],
         log_every_n_steps=1,
         limit_val_batches=0,
@@ -168,6 +165,14 @@ def run_unclipped(args: argparse.Namespace) -> dict[str, Any]:
         enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=loader)
+
+
+def run_unclipped(args: argparse.Namespace) -> dict[str, Any]:
+    """Lightning + GradWatch, no clipping: diverges."""
+    pl.seed_everything(args.seed, verbose=False)
+    module = LitIRNN(IRNN(args.hidden, args.scale), args.lr)
+    gw = GradWatch(every_n_steps=args.every_n_steps)
+    _fit(args, module, gw, "unclipped")
     reports = gw.reports
     name = "net.rnn"  # the qualified name inside the LightningModule
     first = reports[min(reports)].get(name) if reports else None
@@ -199,22 +204,7 @@ def run_clipped(args: argparse.Namespace) -> dict[str, Any]:
     net = IRNN(args.hidden, args.scale)  # same seed: the same initial weights as run 1
     module = LitIRNN(net, args.lr)
     gw = GradWatch(every_n_steps=args.every_n_steps, clip=NormClip(max_norm=args.max_norm))
-    loader = torch.utils.data.DataLoader(
-        Batches(args.steps, args.batch_size, args.length, args.seed), batch_size=None
-    )
-    trainer = pl.Trainer(
-        max_steps=args.steps,
-        accelerator="cpu",
-        devices=1,
-        logger=TensorBoardLogger(save_dir=args.logdir, name=EXAMPLE, version="clipped"),
-        callbacks=[gw],
-        log_every_n_steps=1,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    _fit(args, module, gw, "clipped")
     name = "net.rnn"
     reports = gw.reports
     events = gw.clip_events
