@@ -30,9 +30,9 @@ _ACTIVE: list[Trace] = []
 class Trace:
     """Capture of the exact ``dL/dh_t`` of every recurrent module call inside a ``with`` block.
 
-    Use it through :func:`trace`. Inside the block, run forward and backward as usual; the
+    Use it through `trace`. Inside the block, run forward and backward as usual; the
     values are computed at the end of each backward pass, before any optimizer step. After
-    the block every hook is removed and every saved tensor released; :meth:`report` returns
+    the block every hook is removed and every saved tensor released; `report` returns
     the result.
     """
 
@@ -105,9 +105,9 @@ class Trace:
     def report(self, strict: bool = True) -> Report:
         """The per-call reports, in call order.
 
-        Raises a :class:`~gradwatch.errors.GradwatchError` subclass with the reason when
+        Raises a `GradwatchError` subclass with the reason when
         nothing could be measured, and, with ``strict`` (the default), a
-        :class:`~gradwatch.errors.CaptureError` when some call failed; with ``strict=False``
+        `CaptureError` when some call failed; with ``strict=False``
         those failures are listed in ``Report.failures`` instead.
         """
         if self._report is None or self._state != "closed":
@@ -375,17 +375,17 @@ class Trace:
 class Session(Trace):
     """A long-lived, reusable trace for training loops: one *window* per optimizer step.
 
-    Used by :class:`gradwatch.Monitor` and the Lightning callback; most users do not need it.
-    Hooks stay registered between :meth:`attach` and :meth:`detach`. For every window the
-    owner sets a plan (:meth:`plan`): with ``capture`` every fused call is recorded and every
-    cell step and marked state hooked, so that :meth:`finish` can return exact reports; with
+    Used by `gradwatch.Monitor` and the Lightning callback; most users do not need it.
+    Hooks stay registered between `attach` and `detach`. For every window the
+    owner sets a plan (`plan`): with ``capture`` every fused call is recorded and every
+    cell step and marked state hooked, so that `finish` can return exact reports; with
     only ``retain`` fused calls are recorded (references to their tensors and their output
-    gradients) so that the window can still be replayed if :meth:`finish` is asked to, while
+    gradients) so that the window can still be replayed if `finish` is asked to, while
     cells and marked states are left alone; with neither, the hooks on the fused outputs only
     accumulate the norm of the gradient injected into each watched module (on the device, no
-    host synchronisation), which :meth:`take_injected` returns.
+    host synchronisation), which `take_injected` returns.
 
-    Nothing is replayed at the end of a backward pass: the replay happens in :meth:`finish`,
+    Nothing is replayed at the end of a backward pass: the replay happens in `finish`,
     which must be called before the optimizer changes the weights. Calls are named per
     micro-batch (the first forward after a completed backward starts a new one), so the k-th
     call of a module gets the same key in every micro-batch of a window.
@@ -648,17 +648,17 @@ def trace(
 ) -> Trace:
     """Trace the exact per-timestep hidden-state gradients of ``model``'s recurrent modules.
 
-    ::
-
-        with gradwatch.trace(model) as tr:
-            loss = loss_fn(model(x), y)
-            loss.backward()
-        rep = tr.report()
-        rep["encoder.rnn"].total     # [num_layers, num_directions, T]
+    ```python
+    with gradwatch.trace(model) as tr:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+    rep = tr.report()
+    rep["encoder.rnn"].total     # [num_layers, num_directions, T]
+    ```
 
     Fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` calls are measured by replaying their
     recurrence after backward; cells (``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell``) called
-    step by step and states marked with :func:`mark_state` are measured by hooks. Training
+    step by step and states marked with `mark_state` are measured by hooks. Training
     is not changed: losses, parameter gradients and the RNG state are bit-identical.
 
     Args:
@@ -666,7 +666,7 @@ def trace(
         include: Only watch modules whose qualified name matches one of these ``fnmatch``
             patterns or that are instances of one of these types.
         exclude: Do not watch modules matching one of these patterns or types.
-        thresholds: The :class:`gradwatch.verdicts.Thresholds` for the reports' verdicts
+        thresholds: The `gradwatch.verdicts.Thresholds` for the reports' verdicts
             (default thresholds when ``None``).
 
     Raises:
@@ -682,12 +682,14 @@ def mark_state(
 
     Call it once per step on the state the step produced; use the first result for
     everything that leaves the recurrence (outputs, the final state) and the second to feed
-    the next step::
+    the next step:
 
-        for x_t in xs:
-            h = torch.tanh(x_t @ U + h @ W)
-            out_t, h = gradwatch.mark_state("my_rnn", h)
-            outputs.append(head(out_t))
+    ```python
+    for x_t in xs:
+        h = torch.tanh(x_t @ U + h @ W)
+        out_t, h = gradwatch.mark_state("my_rnn", h)
+        outputs.append(head(out_t))
+    ```
 
     ``state`` may be a tuple (for example ``(h, c)``); its first element is the hidden state
     whose gradient is reported, and the carried part is measured over all elements. Outside

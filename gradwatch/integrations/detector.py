@@ -7,10 +7,10 @@ non-finite values do not update. A value more than ``spike_factor`` times above 
 
 Two implementations of the same arithmetic (float64, identical decisions on every rank):
 
-- on the device (:meth:`SpikeDetector.update`): a few tiny tensor ops, nothing read on the
+- on the device (`SpikeDetector.update`): a few tiny tensor ops, nothing read on the
   host, so a CUDA step never waits for its kernels; the flags are then read one step late
-  (:class:`DeviceFlag`) or right away when the caller needs them;
-- on the host (:meth:`SpikeDetector.update_host`), for models on the CPU, where reading a
+  (`DeviceFlag`) or right away when the caller needs them;
+- on the host (`SpikeDetector.update_host`), for models on the CPU, where reading a
   value costs nothing: plain Python floats, a fraction of the cost of ~25 tiny tensor ops.
 """
 
@@ -107,7 +107,7 @@ class SpikeDetector:
     def update_host(
         self, sig: list[list[float]], amp: bool, found_inf: Tensor | None
     ) -> tuple[bool, bool, bool]:
-        """The same as :meth:`update` on Python floats (``sig`` as nested lists)."""
+        """The same as `update` on Python floats (``sig`` as nested lists)."""
         m = len(sig[0])
         if self._host is None and self._ema is not None and self._ema.shape[1] == m:
             assert self._count is not None  # switched from the device path

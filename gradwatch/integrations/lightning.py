@@ -97,12 +97,12 @@ class _GradWatch:
         spike_factor: A cheap signal this many times above its running level triggers a
             capture (``math.inf``: never); non-finite values always trigger one.
         warmup_steps: Optimizer steps of running level before spikes are detected.
-        history: Captured reports kept in :attr:`reports` (the last ``history``); the
+        history: Captured reports kept in `reports` (the last ``history``); the
             cheap-signal history keeps ``10 * history`` steps.
         log_every_n_steps: Copy the cheap signals to the host and log them every this many
             optimizer steps (the only host synchronisation besides captures). Default: the
             Trainer's ``log_every_n_steps``.
-        thresholds: A :class:`gradwatch.verdicts.Thresholds` for the verdicts.
+        thresholds: A `gradwatch.verdicts.Thresholds` for the verdicts.
         clip: Gradient clipping (see ``docs/clipping.md``). ``None`` (the default) never
             touches gradients. A strategy name (``"norm"``, ``"value"``, ``"autoclip"``,
             ``"zscore"``, ``"agc"``: published defaults), a configured
@@ -129,15 +129,19 @@ class _GradWatch:
     Raises:
         ValueError: If an argument is invalid; the message names it.
 
-    Example::
+    Example:
+        ```python
+        from gradwatch import GradWatch
 
-        >>> from gradwatch import GradWatch
-        >>> gw = GradWatch(every_n_steps=50)
-        >>> # trainer = Trainer(callbacks=[gw]); trainer.fit(model)
-        >>> # gw.verdicts -> {"encoder.rnn": "healthy"}; gw.reports[0]["encoder.rnn"].total
+        gw = GradWatch(every_n_steps=50)
+        trainer = Trainer(callbacks=[gw])
+        trainer.fit(model)
+        gw.verdicts                        # {"encoder.rnn": "healthy"}
+        gw.reports[0]["encoder.rnn"].total  # [num_layers, num_directions, T]
+        ```
 
-    .. tip:: The state saved in checkpoints (detector levels, verdict history, cheap
-        signals) holds only plain types and tensors, so ``weights_only`` loading works.
+    The state saved in checkpoints (detector levels, verdict history, cheap signals,
+    clipping state) holds only plain types and tensors, so ``weights_only`` loading works.
     """
 
     def __init__(

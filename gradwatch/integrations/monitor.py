@@ -4,18 +4,18 @@ One *optimizer step* is the unit of everything here: the gradients of all the ba
 since the previous step (accumulation micro-batches, truncated-BPTT chunks, a closure called
 several times) make one step. The owner (an adapter) drives the core with two calls:
 
-- :meth:`MonitorCore.bind` once, when the model's recurrent modules exist, then
-  :meth:`MonitorCore.attach`;
-- :meth:`MonitorCore.finish_step` after the last backward of a step and *before* the
+- `MonitorCore.bind` once, when the model's recurrent modules exist, then
+  `MonitorCore.attach`;
+- `MonitorCore.finish_step` after the last backward of a step and *before* the
   optimizer changes the weights (the replay needs the weights of the forward pass).
 
-Every step costs only the *cheap signals* (:mod:`.signals`), checked by the spike detector
-(:mod:`.detector`): the norm of the gradient injected into each watched module's outputs,
+Every step costs only the *cheap signals* (`.signals`), checked by the spike detector
+(`.detector`): the norm of the gradient injected into each watched module's outputs,
 the gradient norm of each module's parameters, and a non-finite check. Every
 ``every_n_steps`` steps, and when the cheap signals show a spike or a non-finite value, the
 step is *captured*: the recurrences are replayed exactly (see
-:mod:`gradwatch.capture.tracing`), diagnosed and merged over micro-batches and ranks
-(:mod:`.merge`). Clipping lives in :mod:`.clip_control`.
+`gradwatch.capture.tracing`), diagnosed and merged over micro-batches and ranks
+(`.merge`). Clipping lives in `.clip_control`.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _unsupported(model: nn.Module) -> dict[str, str]:
 class MonitorCore:
     """Schedule, cheap signals, capture, merging, reduction, detector state and history.
 
-    See :class:`gradwatch.Monitor` and :class:`gradwatch.GradWatch` for the arguments.
+    See `gradwatch.Monitor` and `gradwatch.GradWatch` for the arguments.
     """
 
     def __init__(
@@ -138,7 +138,7 @@ class MonitorCore:
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        """Everything that is rebuilt by :meth:`bind` and is not pickled."""
+        """Everything that is rebuilt by `bind` and is not pickled."""
         self.session: Session | None = None
         self.names: list[str] = []
         self._cheap = CheapSignals([], torch.device("cpu"))

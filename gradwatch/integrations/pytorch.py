@@ -1,16 +1,16 @@
 """``gradwatch.Monitor``: the training-loop monitor for plain PyTorch (no Lightning needed).
 
-::
-
-    mon = gradwatch.Monitor(model)
-    for x, y in loader:
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        mon.step(optimizer)          # after the last backward, before optimizer.step()
-        optimizer.step()
-        optimizer.zero_grad()
-    mon.close()
-    mon.verdicts                     # {"encoder.rnn": "healthy", ...}
+```python
+mon = gradwatch.Monitor(model)
+for x, y in loader:
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    mon.step(optimizer)          # after the last backward, before optimizer.step()
+    optimizer.step()
+    optimizer.zero_grad()
+mon.close()
+mon.verdicts                     # {"encoder.rnn": "healthy", ...}
+```
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ __all__ = ["Monitor"]
 class Monitor:
     """Watch the recurrent modules of ``model`` over a hand-written training loop.
 
-    Call :meth:`step` once per optimizer step, after the last ``backward()`` of the step
+    Call `step` once per optimizer step, after the last ``backward()`` of the step
     (several backward passes, e.g. gradient accumulation or truncated BPTT chunks, make one
     step) and before ``optimizer.step()``. Every step costs only cheap signals kept on the
     device; every ``every_n_steps`` steps, and after a spike or a non-finite value, the
     step's recurrences are replayed exactly and diagnosed (see ``docs/plain_pytorch.md``).
-    Hooks are registered at construction and removed by :meth:`close` (or at the end of a
+    Hooks are registered at construction and removed by `close` (or at the end of a
     ``with`` block). Training is not changed: the weights are bit-identical to a run
     without the monitor.
 
@@ -59,24 +59,24 @@ class Monitor:
             exponential average of its log over about 10 steps) triggers a capture.
             ``math.inf`` disables spike captures; non-finite values always trigger one.
         warmup_steps: Steps of running level before spikes are detected.
-        history: Number of captured reports kept in :attr:`reports` (the oldest are
+        history: Number of captured reports kept in `reports` (the oldest are
             dropped); the cheap-signal history keeps ``10 * history`` steps.
         log_every_n_steps: Copy the cheap signals to the host every this many steps (the
             only host synchronisation outside captures); ``None``: only on captures.
-        thresholds: :class:`gradwatch.verdicts.Thresholds` for the verdicts.
+        thresholds: `gradwatch.verdicts.Thresholds` for the verdicts.
         scaler: The ``torch.amp.GradScaler`` of the loop, if any: captured gradients are
             divided by its scale, and steps it skips are reported as skipped.
         async_flags: Read the spike flag one step late without stalling the device
             (default: on CUDA). A spike at step ``s`` is then captured at step ``s + 2``;
             on the CPU it is captured at step ``s`` itself.
-        clip: Gradient clipping in :meth:`step` (see ``docs/clipping.md``); ``None`` (the
+        clip: Gradient clipping in `step` (see ``docs/clipping.md``); ``None`` (the
             default) never touches gradients. A strategy name (``"norm"``, ``"value"``,
             ``"autoclip"``, ``"zscore"``, ``"agc"``), a configured ``ClipStrategy`` or a
             configured ``Clipper`` (then leave the ``clip_*`` arguments out).
         clip_mode: ``"always"`` (default) or ``"reactive"`` (only on steps with a spike or
             non-finite flag, or while the latest verdict is exploding or non-finite).
         clip_scope: ``"all"`` (default: the parameters of the optimizer passed to
-            :meth:`step`, else the model's) or ``"recurrent"``.
+            `step`, else the model's) or ``"recurrent"``.
         clip_nonfinite: ``"skip"`` (default: every gradient of the step set to ``None``, so
             ``optimizer.step()`` leaves the parameters and its state as they are),
             ``"zero"`` or ``"leave"``.
@@ -145,7 +145,7 @@ class Monitor:
         to the modules it trains (useful with several optimizers).
 
         With ``clip``, the gradients are then clipped in place (the event is in
-        :attr:`clip_events`). With a ``scaler``, pass the optimizer: its gradients are
+        `clip_events`). With a ``scaler``, pass the optimizer: its gradients are
         unscaled here first with ``scaler.unscale_(optimizer)`` unless you already did
         (``scaler.step`` does not unscale them twice). A skipped step (``nonfinite="skip"``)
         leaves every gradient ``None``: the ``optimizer.step()`` that follows changes

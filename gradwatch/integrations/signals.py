@@ -60,7 +60,7 @@ class StepSignals:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What :meth:`MonitorCore.finish_step` did; the adapters log and warn from it."""
+    """What `MonitorCore.finish_step` did; the adapters log and warn from it."""
 
     step: int
     report: Report | None = None

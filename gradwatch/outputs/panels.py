@@ -95,9 +95,9 @@ class PanelWriter:
             (e.g. ``trainer.loggers``) or ``None`` (write nothing).
         history: How many reports per call the heatmap keeps (a ring; older ones drop out).
         figures: Render figures at all. They cost tens of milliseconds each.
-        figure_every: Render figures on every k-th :meth:`write` only.
+        figure_every: Render figures on every k-th `write` only.
         dpi: Figure resolution.
-        auto_layout: Write the dashboard on the first :meth:`write` if :meth:`write_layout`
+        auto_layout: Write the dashboard on the first `write` if `write_layout`
             was not called, and extend it when a new module appears.
         prefix: Tag prefix (``"gradwatch"``).
         profiles: Write the per-timestep profiles of each call as a tensor summary for the
@@ -232,7 +232,7 @@ class PanelWriter:
 
     def write_profiles(self, step: int, report: Report | Mapping[str, ModuleReport]) -> None:
         """The gradwatch tab's data: one ``<prefix>/<module>/profiles`` tensor summary per call
-        (format in :mod:`gradwatch.outputs.tb_plugin.metadata`), TensorBoard writers only."""
+        (format in `gradwatch.outputs.tb_plugin.metadata`), TensorBoard writers only."""
         sinks = [s for s in self._sinks if s.profiles and self._file_writer(s) is not None]
         if not sinks:
             return

@@ -1,10 +1,12 @@
 """Flatten a report into scalar tags that any logger can take (TensorBoard, CSV, W&B, MLflow).
 
-Tag scheme (stable; documented in docs/panels.md)::
+Tag scheme (stable; documented in docs/panels.md):
 
-    gradwatch/<module>/l<layer>d<direction>/<metric>   per layer and direction
-    gradwatch/<module>/<metric>                        per module call
-    gradwatch/clip/<metric>                            clipping events (global)
+```text
+gradwatch/<module>/l<layer>d<direction>/<metric>   per layer and direction
+gradwatch/<module>/<metric>                        per module call
+gradwatch/clip/<metric>                            clipping events (global)
+```
 
 ``<module>`` is the report's call name made safe for every logger: characters outside
 ``[A-Za-z0-9_.:-]`` become ``_`` and the call suffix ``#k`` becomes ``:k``

@@ -1,7 +1,7 @@
 """The entry point TensorBoard loads (group ``tensorboard_plugins``, name ``gradwatch``).
 
-Kept apart from :mod:`.plugin` so that TensorBoard can always import it; the plugin itself is
-imported in :meth:`GradwatchLoader.load`.
+Kept apart from `.plugin` so that TensorBoard can always import it; the plugin itself is
+imported in `GradwatchLoader.load`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ DEFAULT_SAMPLES = 200
 
 
 class GradwatchLoader(base_plugin.TBLoader):
-    """Loads :class:`~gradwatch.outputs.tb_plugin.plugin.GradwatchPlugin`."""
+    """Loads `GradwatchPlugin`."""
 
     def fix_flags(self, flags: Any) -> None:
-        """Keep :data:`DEFAULT_SAMPLES` steps per tag unless ``--samples_per_plugin`` says."""
+        """Keep `DEFAULT_SAMPLES` steps per tag unless ``--samples_per_plugin`` says."""
         samples = getattr(flags, "samples_per_plugin", None)
         if isinstance(samples, dict):
             samples.setdefault(PLUGIN_NAME, DEFAULT_SAMPLES)

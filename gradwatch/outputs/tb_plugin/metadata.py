@@ -2,17 +2,19 @@
 
 Tag ``gradwatch/<module>/profiles`` (with the logger's prefix, like the images), plugin name
 ``gradwatch``, data class ``TENSOR``. The summary metadata's ``plugin_data.content`` is a
-UTF-8 JSON header::
+UTF-8 JSON header:
 
-    {"version": 1, "module": "encoder.rnn#1", "kind": "LSTM", "num_layers": 2,
-     "num_directions": 1, "seq_len": 120,
-     "rows": ["total", "carried", "direct", "propagation", "cell_total",
-              "horizon", "gain", "verdict"]}
+```json
+{"version": 1, "module": "encoder.rnn#1", "kind": "LSTM", "num_layers": 2,
+ "num_directions": 1, "seq_len": 120,
+ "rows": ["total", "carried", "direct", "propagation", "cell_total",
+          "horizon", "gain", "verdict"]}
+```
 
 The tensor is float32 ``[len(rows), L, D, T]``: row ``i`` is ``rows[i]``. ``total``,
 ``carried``, ``direct`` and ``cell_total`` (LSTM kinds only) are ``||dL/dh_t||`` at timestep
 ``t``; ``propagation`` is log10 a(k) at ``k = t`` steps back; ``horizon``, ``gain`` and
-``verdict`` (the codes of :data:`gradwatch.outputs.scalars.VERDICT_CODES`) are per layer and
+``verdict`` (the codes of `gradwatch.outputs.scalars.VERDICT_CODES`) are per layer and
 direction, repeated along ``T``. Diagnostics that were not computed are NaN. ``T`` is the
 step's own sequence length and may differ between steps; TensorBoard keeps the header of the
 first step only (``seq_len`` there is informative), so readers take ``T`` from the tensor.
@@ -91,7 +93,7 @@ def _array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def profile_tensor(m: Any) -> tuple[Header, np.ndarray]:
-    """Header and float32 ``[R, L, D, T]`` tensor of one :class:`~gradwatch.report.ModuleReport`."""
+    """Header and float32 ``[R, L, D, T]`` tensor of one `ModuleReport`."""
     layers, directions = int(m.num_layers), int(m.num_directions)
     steps = int(m.total.shape[-1])
     rows = profile_rows(m.kind)

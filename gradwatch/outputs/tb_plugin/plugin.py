@@ -12,7 +12,7 @@ Routes (under ``/data/plugin/gradwatch``):
 - ``/index.js``: the frontend (a plain ES module, no build step).
 
 Data is read through TensorBoard's data provider, so it works with ``--load_fast`` true or
-false; :func:`read_profiles` is the reading function.
+false; `read_profiles` is the reading function.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def _header_json(header: Header) -> dict[str, Any]:
 
 
 def profiles_json(header: Header, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``/profiles`` answer for :func:`read_profiles`' result."""
+    """The ``/profiles`` answer for `read_profiles`' result."""
     out_steps = []
     for item in steps:
         values: dict[str, Any] = {}
