@@ -460,8 +460,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"\nDone in {results['seconds']:.0f} s. TensorBoard logs are in {results['logdir']}/"
         f"; open them with\n  tensorboard --logdir {args.logdir}\n"
-        "and look at the Custom Scalars tab (horizon, gain, verdict per run) and the Images tab "
-        "(dL/dh_t heatmaps and propagation curves)."
+        "and look at the gradwatch tab (per-timestep dL/dh_t and the propagation curve, with a "
+        "slider over training steps),\nthe Custom Scalars tab (horizon, gain, verdict per run) "
+        "and the Images tab (dL/dh_t heatmaps)."
     )
     return results
 
