@@ -352,12 +352,6 @@ class LSTMRecurrence(Recurrence):
         out = outs if valid is None else outs * valid
         return out, h, c
 
-    def _neighbours(self, seq: Tensor, first: Tensor) -> Tensor:
-        """``seq[t-1]`` (``seq[t+1]`` in reverse) for every step, ``first`` before the start."""
-        if self.reverse:
-            return torch.cat([seq[1:], first[None]])
-        return torch.cat([first[None], seq[:-1]])
-
     def _coefficients(
         self, acts: Tensor, cells: Tensor, tanh_c: Tensor, c0: Tensor, c_prev: Tensor | None = None
     ) -> None:
