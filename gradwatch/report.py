@@ -198,6 +198,19 @@ class Report(Mapping[str, ModuleReport]):
     def __len__(self) -> int:
         return len(self.modules)
 
+    @property
+    def first_nonfinite(self) -> NonfiniteLocation | None:
+        """Where the first non-finite gradient appeared in backward order over all calls.
+
+        Backward visits calls in reverse order of the forward pass (a later call feeds the
+        loss through the earlier ones), so the latest call with a non-finite value is where
+        it entered; within a call, see `ModuleReport.nonfinite_at`.
+        """
+        for m in reversed(list(self.modules.values())):
+            if m.nonfinite_at is not None:
+                return m.nonfinite_at
+        return None
+
     def raise_failures(self) -> None:
         """Raise `CaptureError` listing every failure, if there is any."""
         if self.failures:

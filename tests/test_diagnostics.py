@@ -369,3 +369,22 @@ def test_cell_subclass_that_changes_the_step_falls_back_to_the_estimate():
     m = tr.report()["Leaky"]
     assert m.propagation is None  # the cell's equations do not describe these steps
     assert m.gain[0, 0].item() == pytest.approx(m.actual_gain[0, 0].item())
+
+
+def test_report_names_where_a_nonfinite_gradient_entered_first():
+    """Encoder -> decoder: a NaN injected into the decoder's output reaches the encoder
+    through the decoder's initial state; it entered at the decoder (the later call)."""
+    torch.manual_seed(0)
+    enc, dec = nn.GRU(3, 5), nn.GRU(3, 5)
+    model = nn.ModuleDict({"enc": enc, "dec": dec})
+    x = torch.randn(6, 2, 3)
+    with gradwatch.trace(model) as tr:
+        _, h = enc(x)
+        out, _ = dec(x, h)
+        grad = torch.zeros_like(out)
+        grad[4, 1, 2] = math.nan
+        out.backward(grad)
+    rep = tr.report()
+    assert rep["enc"].verdict == rep["dec"].verdict == "nonfinite"
+    first = rep.first_nonfinite
+    assert (first.module, first.layer, first.direction, first.timestep) == ("dec", 0, 0, 4)
