@@ -164,8 +164,7 @@ class _GradWatch:
     ) -> None:
         if not isinstance(figures, bool):
             raise ValueError(f"figures must be True or False, got {figures!r}")
-        # What pickling keeps: the arguments, as plain data where possible (see __getstate__)
-        self._init_kwargs = _plain_arguments(
+        args = dict(
             every_n_steps=every_n_steps,
             include=include,
             exclude=exclude,
@@ -174,25 +173,18 @@ class _GradWatch:
             history=history,
             log_every_n_steps=log_every_n_steps,
             thresholds=thresholds,
+            async_flags=async_flags,
+        )
+        # What pickling keeps: the arguments, as plain data where possible (see __getstate__)
+        self._init_kwargs = _plain_arguments(
+            **args,
             clip=clip,
             clip_mode=clip_mode,
             clip_scope=clip_scope,
             clip_nonfinite=clip_nonfinite,
             figures=figures,
-            async_flags=async_flags,
         )
-        self._core = MonitorCore(
-            every_n_steps=every_n_steps,
-            include=include,
-            exclude=exclude,
-            spike_factor=spike_factor,
-            warmup_steps=warmup_steps,
-            history=history,
-            log_every_n_steps=log_every_n_steps,
-            thresholds=thresholds,
-            async_flags=async_flags,
-            warn=_warn,
-        )
+        self._core = MonitorCore(**args, warn=_warn)
         self._clip = ClipControl.build(
             clip,
             clip_mode=clip_mode,
