@@ -19,6 +19,7 @@ from gradwatch.integrations.lightning import _check_clipping_setup
 from gradwatch.outputs.clipping import STRATEGY_NAMES, AutoClip, Clipper, NormClip, ZScoreClip
 
 L = pytest.importorskip("lightning.pytorch")
+from ddp_models import RankLM  # noqa: E402
 
 HIDDEN, T, BATCH = 32, 50, 16
 
@@ -299,27 +300,6 @@ def test_resume_continues_the_adaptive_threshold_exactly(tmp_path, strategy):
 
 
 # ------------------------------------------------------------------------------ (g) DDP
-class RankLM(L.LightningModule):
-    """A GRU model whose loss spikes on rank 1 only at step 5, and is NaN there at step 7."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.rnn = nn.GRU(8, 16)
-        self.head = nn.Linear(16, 20)
-
-    def training_step(self, batch, batch_idx):
-        (x,) = batch
-        out, _ = self.rnn(self.emb(x.t()))
-        loss = nn.functional.cross_entropy(self.head(out).flatten(0, 1), x.t().flatten())
-        if self.global_rank == 1 and self.global_step in (5, 7):
-            loss = loss * (1e4 if self.global_step == 5 else float("nan"))
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-
 class SaveRank(L.Callback):
     """ddp_spawn returns no callback state: each rank saves what its GradWatch holds."""
 
@@ -363,7 +343,7 @@ def test_ddp_reactive_clipping_decides_identically_on_every_rank(tmp_path):
         enable_checkpointing=False,
         callbacks=[gw, SaveRank(gw, str(tmp_path))],
     )
-    trainer.fit(RankLM(), data)
+    trainer.fit(RankLM(nan_step=7, lr=0.1, momentum=0.9), data)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["events"] == r1["events"]

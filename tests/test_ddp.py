@@ -9,32 +9,11 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import gradwatch
 
 L = pytest.importorskip("lightning.pytorch")
-
-
-class RankLM(L.LightningModule):
-    """A GRU model whose loss spikes on rank 1 only at global step 5, and is NaN there at 6."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.rnn = nn.GRU(8, 16)
-        self.head = nn.Linear(16, 20)
-
-    def training_step(self, batch, batch_idx):
-        (x,) = batch
-        out, _ = self.rnn(self.emb(x.t()))
-        loss = nn.functional.cross_entropy(self.head(out).flatten(0, 1), x.t().flatten())
-        if self.global_rank == 1 and self.global_step in (5, 6):
-            loss = loss * (1e4 if self.global_step == 5 else float("nan"))
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+from ddp_models import RankLM  # noqa: E402
 
 
 class _Count(logging.Handler):
