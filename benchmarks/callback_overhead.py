@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.integrations.monitor import DEFAULT_EVERY_N_STEPS
+from gradwatch._engine.monitor import DEFAULT_EVERY_N_STEPS
 
 
 def _lightning():

@@ -24,8 +24,8 @@ import time
 import torch
 from torch import nn
 
-from gradwatch.capture.fused import FusedCall, record_fused_call, replay_fused_call
-from gradwatch.quantities import QuantityOptions
+from gradwatch._analysis.quantities import QuantityOptions
+from gradwatch._capture.fused import FusedCall, record_fused_call, replay_fused_call
 
 CONFIGS = [
     # (label, module factory, T, batch)

@@ -8,7 +8,7 @@ from the last step only, so every gradient has to travel back through time):
   across the whole sequence.
 
 Every training step runs inside ``gradwatch.trace``; the reports are drawn with the very
-functions that produce the TensorBoard images (``gradwatch.outputs.figures``). Nothing is
+functions that produce the TensorBoard images (``gradwatch._outputs.figures``). Nothing is
 hand-drawn. Run from the repository root::
 
     .venv/bin/python docs/make_images.py
@@ -27,7 +27,7 @@ from matplotlib.image import imsave
 from torch import nn
 
 import gradwatch
-from gradwatch.outputs.figures import heatmap_figure, profile_figure, propagation_figure, render
+from gradwatch._outputs.figures import heatmap_figure, profile_figure, propagation_figure, render
 
 STEPS, BATCH, FEATURES, HIDDEN, TRAIN_STEPS = 60, 32, 4, 32, 40
 DPI = 90

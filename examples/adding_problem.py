@@ -67,7 +67,7 @@ except ImportError:  # the older namespace works the same way
     from pytorch_lightning.loggers import TensorBoardLogger
 
 from gradwatch import GradWatch
-from gradwatch.outputs.messages import summary_table
+from gradwatch._outputs.messages import summary_table
 
 EXAMPLE = "adding_problem"
 VARIANTS = ("modern", "hs1997")

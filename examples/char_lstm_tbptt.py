@@ -51,8 +51,8 @@ except ImportError:  # the older namespace works the same way
     from pytorch_lightning.loggers import TensorBoardLogger
 
 from gradwatch import GradWatch
-from gradwatch.outputs.messages import summary_table
-from gradwatch.verdicts import Thresholds
+from gradwatch._analysis.verdicts import Thresholds
+from gradwatch._outputs.messages import summary_table
 
 EXAMPLE = "char_lstm_tbptt"
 

@@ -47,8 +47,8 @@ except ImportError:  # the older namespace works the same way
     from pytorch_lightning.loggers import TensorBoardLogger
 
 from gradwatch import GradWatch
-from gradwatch.outputs.clipping import NormClip
-from gradwatch.outputs.messages import summary_table
+from gradwatch._clipping import NormClip
+from gradwatch._outputs.messages import summary_table
 
 EXAMPLE = "exploding_relu"
 

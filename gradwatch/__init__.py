@@ -3,15 +3,15 @@
 import logging
 from typing import Any
 
-from gradwatch.capture import Trace, mark_state, trace
-from gradwatch.errors import (
+from gradwatch._analysis.report import Causes, Explanation, ModuleReport, NonfiniteLocation, Report
+from gradwatch._base.errors import (
     BackwardNotRunError,
     CaptureError,
     GradwatchError,
     NoRecurrentModuleError,
     UnsupportedModuleError,
 )
-from gradwatch.report import Causes, Explanation, ModuleReport, NonfiniteLocation, Report
+from gradwatch._capture import Trace, mark_state, trace
 
 __version__ = "0.1.0.dev0"
 
@@ -22,8 +22,8 @@ logging.getLogger("gradwatch").addHandler(logging.NullHandler())
 
 # Imported on first use: Lightning takes seconds to import and plain-PyTorch users need none of it.
 _LAZY = {
-    "GradWatch": "gradwatch.integrations.lightning",
-    "Monitor": "gradwatch.integrations.pytorch",
+    "GradWatch": "gradwatch._adapters.lightning",
+    "Monitor": "gradwatch._adapters.pytorch",
 }
 
 

@@ -15,8 +15,8 @@ from test_lightning import LM, TBPTT, _data, _trainer
 from torch import nn
 
 import gradwatch
-from gradwatch.integrations.lightning import _check_clipping_setup
-from gradwatch.outputs.clipping import STRATEGY_NAMES, AutoClip, Clipper, NormClip, ZScoreClip
+from gradwatch._adapters.lightning import _check_clipping_setup
+from gradwatch._clipping import STRATEGY_NAMES, AutoClip, Clipper, NormClip, ZScoreClip
 
 L = pytest.importorskip("lightning.pytorch")
 from ddp_models import RankLM  # noqa: E402
@@ -459,7 +459,7 @@ def test_monitor_unscales_once_under_a_grad_scaler():
 
 
 def test_reactive_flag_comes_from_this_steps_flags_or_the_latest_verdict():
-    from gradwatch.integrations.monitor import ClipControl, StepOutcome
+    from gradwatch._engine.monitor import ClipControl, StepOutcome
 
     flagged = ClipControl.flagged
     healthy = {"rnn": "healthy"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradwatch.outputs.clipping import (
+from gradwatch._clipping import (
     AGC,
     STRATEGY_NAMES,
     AutoClip,
@@ -21,7 +21,7 @@ from gradwatch.outputs.clipping import (
     ZScoreClip,
     resolve_strategy,
 )
-from gradwatch.outputs.clipping import functional as F
+from gradwatch._clipping import functional as F
 
 
 def _param(grad: list | torch.Tensor, weight: list | torch.Tensor | None = None) -> nn.Parameter:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradwatch.outputs.clipping import STRATEGY_NAMES, Clipper
-from gradwatch.outputs.clipping import functional as F
+from gradwatch._clipping import STRATEGY_NAMES, Clipper
+from gradwatch._clipping import functional as F
 
 HIDDEN, T, BATCH, STEPS = 32, 50, 16, 120
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.capture.recurrences import LayerWeights, Recurrence
-from gradwatch.quantities.causes import spectral_norm, spectral_radius
-from gradwatch.quantities.propagation import propagate
+from gradwatch._analysis.quantities.causes import spectral_norm, spectral_radius
+from gradwatch._analysis.quantities.propagation import propagate
+from gradwatch._capture.recurrences import LayerWeights, Recurrence
 
 
 def _permutation(n: int, seed: int = 0) -> torch.Tensor:

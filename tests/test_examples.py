@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
 
-from gradwatch.report import VERDICTS
+from gradwatch._analysis.report import VERDICTS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.capture import tracing
+from gradwatch._capture import tracing
 
 L = pytest.importorskip("lightning.pytorch")
 

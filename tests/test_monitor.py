@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import gradwatch
-from gradwatch.capture import tracing
-from gradwatch.integrations.monitor import MonitorCore, merge_module_reports
+from gradwatch._capture import tracing
+from gradwatch._engine.monitor import MonitorCore, merge_module_reports
 
 
 class LM(nn.Module):
@@ -108,7 +108,7 @@ def test_schedule_and_cheap_signals():
         assert not (s.spike or s.nonfinite or s.skipped)
     m = mon.reports[3]["rnn"]
     assert m.total.shape == (2, 1, 10) and m.gain is not None
-    assert m.verdict in gradwatch.report.VERDICTS
+    assert m.verdict in gradwatch._analysis.report.VERDICTS
 
 
 def test_grad_norm_signal_is_the_module_parameter_gradient_norm():
@@ -395,7 +395,7 @@ def _random_signals(steps: int, m: int, seed: int) -> list[torch.Tensor]:
 def test_host_and_device_detectors_take_the_same_decisions(amp):
     """The CPU path (Python floats) and the device path (tensor ops) of the spike detector
     implement the same arithmetic: same flags at every step, same running levels."""
-    from gradwatch.integrations.detector import SpikeDetector
+    from gradwatch._engine.detector import SpikeDetector
 
     host, device = SpikeDetector(10.0, 5), SpikeDetector(10.0, 5)
     found = torch.tensor(0.0)
@@ -413,7 +413,7 @@ def test_host_and_device_detectors_take_the_same_decisions(amp):
 
 def test_cpu_parameter_norm_survives_float32_overflow_and_underflow():
     """CPU norms are accumulated in float32 and redone in float64 out of float32's range."""
-    from gradwatch.integrations.signals import _host_norms
+    from gradwatch._engine.signals import _host_norms
 
     g = torch.full((1000,), 1e20)
     tiny = torch.full((1000,), 1e-25)

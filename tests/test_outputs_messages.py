@@ -10,8 +10,8 @@ from test_outputs_scalars import make_module
 from torch import nn
 
 import gradwatch
-from gradwatch.outputs import messages
-from gradwatch.outputs.messages import (
+from gradwatch._outputs import messages
+from gradwatch._outputs.messages import (
     change_message,
     remedies_for,
     summary_table,
@@ -120,8 +120,8 @@ def _trace(model: nn.Module, steps: int, seed: int = 0):
 
 
 def test_real_reports_through_the_verdict_tracker(caplog):
-    """gradwatch.trace -> gradwatch.verdicts.VerdictTracker -> one warning per change."""
-    from gradwatch.verdicts import VerdictTracker
+    """gradwatch.trace -> gradwatch._analysis.verdicts.VerdictTracker -> one warning per change."""
+    from gradwatch._analysis.verdicts import VerdictTracker
 
     torch.manual_seed(0)
     rnn = nn.RNN(4, 8)  # default init, tanh, 120 steps: vanishing

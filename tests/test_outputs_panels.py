@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
-from gradwatch.outputs.clipping import ClipEvent
-from gradwatch.outputs.panels import PanelWriter, ProfileHistory
-from gradwatch.outputs.scalars import scalars_for
+from gradwatch._clipping import ClipEvent
+from gradwatch._outputs.panels import PanelWriter, ProfileHistory
+from gradwatch._outputs.scalars import scalars_for
 
 LAYOUT_TAG = "custom_scalars__config__"
 
@@ -172,7 +172,7 @@ def test_profile_history_is_bounded_in_steps_and_calls():
 
 
 def test_missing_matplotlib_skips_figures_with_one_info(tmp_path, caplog, monkeypatch):
-    monkeypatch.setitem(sys.modules, "gradwatch.outputs.figures", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "gradwatch._outputs.figures", None)  # import -> ImportError
     writer = SummaryWriter(str(tmp_path))
     panels = PanelWriter(writer)
     with caplog.at_level(logging.DEBUG, logger="gradwatch"):

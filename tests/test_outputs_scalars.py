@@ -11,9 +11,10 @@ import re
 import pytest
 import torch
 
-from gradwatch.outputs import layout as layout_mod
-from gradwatch.outputs.clipping import ClipEvent
-from gradwatch.outputs.scalars import (
+from gradwatch._analysis.report import Causes, Explanation, ModuleReport, NonfiniteLocation, Report
+from gradwatch._clipping import ClipEvent
+from gradwatch._outputs import layout as layout_mod
+from gradwatch._outputs.scalars import (
     VERDICT_CODES,
     clip_scalars,
     layer_tag,
@@ -22,7 +23,6 @@ from gradwatch.outputs.scalars import (
     safe_name,
     scalars_for,
 )
-from gradwatch.report import Causes, Explanation, ModuleReport, NonfiniteLocation, Report
 
 GATES = {"LSTM": ("forget", "input", "output"), "GRU": ("update", "reset")}
 

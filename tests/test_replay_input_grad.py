@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from gradwatch.capture.fused import output_tensors, record_fused_call, replay
+from gradwatch._capture.fused import output_tensors, record_fused_call, replay
 
 
 def _record(module: nn.RNNBase):

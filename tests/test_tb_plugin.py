@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
-from gradwatch.outputs.panels import PanelWriter
-from gradwatch.outputs.tb_plugin import metadata
-from gradwatch.outputs.tb_plugin.loader import DEFAULT_SAMPLES, GradwatchLoader
-from gradwatch.outputs.tb_plugin.plugin import list_profiles, profiles_json, read_profiles
+from gradwatch._outputs.panels import PanelWriter
+from gradwatch._outputs.tb_plugin import metadata
+from gradwatch._outputs.tb_plugin.loader import DEFAULT_SAMPLES, GradwatchLoader
+from gradwatch._outputs.tb_plugin.plugin import list_profiles, profiles_json, read_profiles
 
 STEPS = (0, 5, 10)
 ROWS = ("total", "carried", "direct", "propagation", "cell_total")

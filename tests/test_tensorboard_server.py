@@ -8,7 +8,7 @@ from tb_server import get_json, serve
 from test_outputs_scalars import make_module, make_report
 from torch.utils.tensorboard import SummaryWriter
 
-from gradwatch.outputs.panels import PanelWriter
+from gradwatch._outputs.panels import PanelWriter
 
 GAIN_TAG = "gradwatch/enc.rnn/l0d0/gain"
 

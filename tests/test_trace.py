@@ -297,7 +297,7 @@ def test_selectors_and_argument_checks():
 def test_replay_runs_in_float32_inside_a_bf16_autocast_region():
     """The replay is called at the end of backward, possibly under autocast: it must not
     compute in bf16. Same call, replayed inside and outside autocast: identical numbers."""
-    from gradwatch.capture.fused import record_fused_call, replay_fused_call
+    from gradwatch._capture.fused import record_fused_call, replay_fused_call
 
     torch.manual_seed(7)
     lstm = nn.LSTM(4, 16, num_layers=2)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.report import ModuleReport, Report
-from gradwatch.verdicts import Thresholds, VerdictTracker, classify, diagnose
+from gradwatch._analysis.report import ModuleReport, Report
+from gradwatch._analysis.verdicts import Thresholds, VerdictTracker, classify, diagnose
 
 
 def _report(horizon: float, growth: float = -3.0, seq_len: int = 100, name: str = "rnn"):

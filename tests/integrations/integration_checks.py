@@ -19,7 +19,7 @@ def check_module_report(
     exact: bool = True,
 ) -> None:
     """What every per-timestep report of a library's RNN must satisfy."""
-    from gradwatch.report import VERDICTS
+    from gradwatch._analysis.report import VERDICTS
 
     assert mr.kind == kind, (mr.name, mr.kind)
     assert mr.num_layers == layers and mr.num_directions == 1

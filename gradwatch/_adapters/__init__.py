@@ -1,0 +1,1 @@
+"""Adapters: the Lightning callback and the plain-PyTorch Monitor, both thin over the engine."""

@@ -1,0 +1,1 @@
+"""Analysis: from a raw capture to quantities, verdicts and a diagnosed report."""

@@ -1,0 +1,10 @@
+"""What is computed from a capture: propagation through time and the causes of the gain."""
+
+from gradwatch._analysis.quantities.module import (
+    QuantityOptions,
+    fused_quantities,
+    stepwise_quantities,
+    to_host,
+)
+
+__all__ = ["QuantityOptions", "fused_quantities", "stepwise_quantities", "to_host"]

@@ -1,0 +1,126 @@
+"""The ingredients of the per-step factor: recurrent weight, activation derivatives, gates.
+
+Backpropagating one step multiplies the gradient by the recurrent weight and by the
+derivative of the nonlinearity (or, in gated cells, by gate values), so these are what a
+vanishing or exploding verdict is explained with. Weight norms come from power iteration
+(a few matrix-vector products, warm-started across reports); trajectory statistics are taken
+on a sample of timesteps only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from gradwatch._capture.recurrences import Recurrence
+
+__all__ = ["GATE_HIGH", "GATE_LOW", "SATURATED_DERIVATIVE", "spectral_norm", "spectral_radius"]
+
+SATURATED_DERIVATIVE = 0.1  # tanh units with f' below this (|h| > 0.95) count as saturated
+GATE_LOW, GATE_HIGH = 0.1, 0.9  # gate values outside [0.1, 0.9] count as saturated
+MAX_SAMPLED_STEPS = 32
+
+_NORM_ITERS, _RADIUS_ITERS = 24, 64
+# Power-iteration vectors from the previous report, per weight tensor (weakly held).
+_warm: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _start(w: Tensor, key: Tensor | None, slot: str, size: int) -> Tensor:
+    cached = None if key is None else _warm.get(key, {}).get(slot)
+    if cached is not None and cached.shape == (size,) and cached.device == w.device:
+        return cached.to(w.dtype)
+    gen = torch.Generator().manual_seed(size)
+    return torch.randn(size, generator=gen, dtype=torch.float64).to(w.device, w.dtype)
+
+
+def _remember(key: Tensor | None, slot: str, v: Tensor) -> None:
+    if key is not None:
+        with contextlib.suppress(TypeError):  # not weak-referenceable: no warm start
+            _warm.setdefault(key, {})[slot] = v
+
+
+def spectral_norm(w: Tensor, key: Tensor | None = None, iters: int = _NORM_ITERS) -> Tensor:
+    """Largest singular value of ``w`` by power iteration on ``w^T w`` (a lower bound that
+    converges from below; warm-started from the last call for the same ``key``)."""
+    v = _start(w, key, "norm", w.shape[1])
+    v = v / v.norm().clamp(min=1e-30)
+    u = w @ v
+    for _ in range(iters):
+        v = w.t() @ u
+        v = v / v.norm().clamp(min=1e-30)
+        u = w @ v
+    _remember(key, "norm", v)
+    return u.norm()
+
+
+def spectral_radius(w: Tensor, key: Tensor | None = None, iters: int = _RADIUS_ITERS) -> Tensor:
+    """Largest eigenvalue modulus of a square ``w``, from the growth rate of ``w^k v``
+    (Gelfand's formula): the mean log growth over the second half of the iterations, which
+    also handles a complex-conjugate dominant pair where plain power iteration oscillates."""
+    v = _start(w, key, "radius", w.shape[0])
+    v = v / v.norm().clamp(min=1e-30)
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    counted = 0
+    for i in range(iters):
+        v = w @ v
+        n = v.norm()
+        if i >= iters // 2:
+            total = total + n.double().log()
+            counted += 1
+        v = v / n.clamp(min=1e-30)
+    _remember(key, "radius", v)
+    return (total / counted).exp().to(w.dtype)
+
+
+def sampled_steps(lengths_max: int, device: torch.device) -> Tensor:
+    """Evenly spaced timesteps (at most ``MAX_SAMPLED_STEPS``) for trajectory statistics.
+
+    Built on the host from the known length (``unique`` on a device would synchronise)."""
+    count = min(lengths_max, MAX_SAMPLED_STEPS)
+    steps = sorted({round(i * (lengths_max - 1) / max(count - 1, 1)) for i in range(count)})
+    return torch.tensor(steps, dtype=torch.long).to(device)
+
+
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``x`` [S, B, H] over valid samples (``mask`` [S, B]) and units, in float64."""
+    x = x.double()
+    if mask is None:
+        return x.mean()
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum() / (m.sum() * x.shape[-1]).clamp(min=1)
+
+
+def trajectory_causes(rec: Recurrence, valid: Tensor | None, steps: Tensor) -> dict[str, Tensor]:
+    """Scalar device tensors for one layer/direction, from the trajectory at ``steps``."""
+    samples = rec.trajectory(steps)
+    mask = None if valid is None else valid[steps]
+    out = {}
+    deriv = samples.pop("derivative")
+    out["act_derivative"] = masked_mean(deriv, mask)
+    if samples.pop("relu", None) is not None:
+        out["saturation"] = masked_mean(deriv == 0, mask)
+    else:
+        out["saturation"] = masked_mean(deriv < SATURATED_DERIVATIVE, mask)
+    for gate, values in samples.items():
+        out[f"gate_mean/{gate}"] = masked_mean(values, mask)
+        out[f"gate_saturation/{gate}"] = masked_mean(
+            (values < GATE_LOW) | (values > GATE_HIGH), mask
+        )
+    return out
+
+
+def weight_causes(rec: Recurrence, key: Tensor | None = None) -> dict[str, Tensor]:
+    """Spectral norm and radius of the recurrent weight of one layer/direction; ``key`` (the
+    module's own parameter) keys the warm start of the power iterations."""
+    norm = spectral_norm(rec.recurrent_matrix(), key)
+    radius = spectral_radius(rec.candidate_block(), key)
+    bound = norm if rec.gates == 1 else torch.full_like(norm, math.nan)  # gamma = 1
+    out = {"weight_norm": norm, "weight_radius": radius, "pascanu_bound": bound}
+    forget = rec.forget_bias()
+    if forget is not None:
+        out["forget_bias"] = forget
+    return out

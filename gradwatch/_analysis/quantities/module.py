@@ -1,0 +1,123 @@
+"""All diagnostic quantities of one module call, computed on device, moved to the host once.
+
+Everything below is built from device tensors without reading any value back; the results
+of all layers and directions are concatenated into one buffer and transferred in a single
+copy (one host synchronisation per report on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradwatch._analysis.quantities.causes import sampled_steps, trajectory_causes, weight_causes
+from gradwatch._analysis.quantities.propagation import actual_gain, propagate
+from gradwatch._capture.recurrences import Recurrence
+
+__all__ = ["QuantityOptions", "fused_quantities", "stepwise_quantities", "to_host"]
+
+
+@dataclass(frozen=True)
+class QuantityOptions:
+    """What to compute. ``causes=False`` skips weight norms and trajectory statistics."""
+
+    propagation: bool = True
+    causes: bool = True
+
+
+def to_host(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Move a dict of device tensors to the CPU as float32, in one copy."""
+    if not values:
+        return {}
+    keys = list(values)
+    flat = torch.cat([values[k].detach().reshape(-1).to(torch.float64) for k in keys]).cpu()
+    out, i = {}, 0
+    for k in keys:
+        n = values[k].numel()
+        out[k] = flat[i : i + n].view(values[k].shape).to(torch.float32)
+        i += n
+    return out
+
+
+def _grid(
+    items: dict[tuple[int, int], dict[str, Tensor]], layers: int, dirs: int
+) -> dict[str, Tensor]:
+    """{(l, d): {name: scalar or [T]}} -> {name: [L, D] or [L, D, T]} (device tensors)."""
+    names = list(dict.fromkeys(k for v in items.values() for k in v))
+    out = {}
+    for name in names:
+        rows = []
+        for layer in range(layers):
+            row = [items[layer, d][name].to(torch.float64) for d in range(dirs)]
+            rows.append(torch.stack(row))
+        out[name] = torch.stack(rows)
+    return out
+
+
+def fused_quantities(
+    recurrences: dict[tuple[int, int], Recurrence],
+    valid: Tensor | None,
+    lengths: Tensor,
+    stats: dict[str, Tensor],
+    keys: dict[tuple[int, int], Tensor],
+    options: QuantityOptions = QuantityOptions(),
+) -> dict[str, Tensor]:
+    """Propagation, summary numbers and causes of every layer/direction of a replayed call.
+
+    ``stats`` are the per-step statistics (device ``[L, D, T]``) of the capture, ``keys`` the
+    module's recurrent weight parameters (warm-start keys for the power iterations).
+    Returns device tensors (see `to_host`): ``propagation`` ``[L, D, T]`` (log10),
+    and ``[L, D]`` tensors ``gain``, ``horizon``, ``efold``, ``log10_attenuation``,
+    ``actual_gain`` and the cause fields (``weight_norm``, ..., ``gate_mean/<gate>``, ...).
+    """
+    layers = 1 + max(k[0] for k in recurrences)
+    dirs = 1 + max(k[1] for k in recurrences)
+    steps = int(stats["total"].shape[-1])
+    lengths = lengths.to(stats["total"].device)
+    state_total = stats["total"]
+    if "cell_total" in stats:
+        state_total = torch.hypot(state_total, stats["cell_total"])
+    sample = sampled_steps(steps, lengths.device) if steps else None
+    per: dict[tuple[int, int], dict[str, Tensor]] = {}
+    curves: dict[tuple[int, int], dict[str, Tensor]] = {}
+    for (layer, d), rec in recurrences.items():
+        carried = stats["carried"][layer, d]
+        values = {"actual_gain": actual_gain(carried, state_total[layer, d], rec.reverse)}
+        if options.propagation and steps:
+            sizes = (
+                (rec.w.w_hh.shape[1],)
+                if not rec.has_cell
+                else (
+                    rec.w.w_hh.shape[1] if rec.w.w_hr is None else rec.w.w_hr.shape[0],
+                    rec.hidden_size,
+                )
+            )
+            prop = propagate(rec, valid, lengths, sizes)
+            values.update(
+                gain=prop.gain,
+                horizon=prop.horizon,
+                efold=prop.efold,
+                log10_attenuation=prop.log_attenuation / math.log(10),
+            )
+            curves[layer, d] = {"propagation": prop.curve / math.log(10)}
+        if options.causes and sample is not None:
+            values.update(weight_causes(rec, keys.get((layer, d))))
+            values.update(trajectory_causes(rec, valid, sample))
+        per[layer, d] = values
+    out = _grid(per, layers, dirs)
+    if curves:
+        out.update(_grid(curves, layers, dirs))
+    return out
+
+
+def stepwise_quantities(stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Quantities of a sequence measured by hooks (cells, marked states), where no step
+    Jacobian is available: the loss-weighted per-step factor only (device tensors [1, 1])."""
+    state_total = stats["total"][0, 0]
+    if stats.get("cell_total") is not None:
+        state_total = torch.hypot(state_total, stats["cell_total"][0, 0])
+    value = actual_gain(stats["carried"][0, 0], state_total, reverse=False)
+    return {"actual_gain": value.view(1, 1)}

@@ -1,0 +1,156 @@
+"""Plain-words explanation of a verdict, in terms of the two causes: depth and the factor.
+
+The per-step factor of a simple RNN is (recurrent weight) x (activation derivative); its log
+splits into the two, so the more negative (vanishing) or positive (exploding) term is the
+dominant cause. Gated cells replace the factor by gate values: the forget gate for the LSTM
+cell path, the update gate for the GRU.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gradwatch._analysis.report import Causes, Explanation, ModuleReport, NonfiniteLocation
+
+__all__ = ["REMEDIES", "explain"]
+
+REMEDIES: dict[str, tuple[str, ...]] = {
+    "small_recurrent_weight": (
+        "initialise W_hh orthogonally (torch.nn.init.orthogonal_) or as the identity",
+        "use a gated cell (nn.LSTM / nn.GRU) instead of a plain RNN",
+        "shorten the sequence or the truncation window (truncated BPTT)",
+    ),
+    "saturated_activation": (
+        "normalise the inputs or scale down W_ih so the tanh units leave saturation",
+        "use a smaller initialisation of W_hh or add layer normalisation",
+        "use a gated cell (nn.LSTM / nn.GRU)",
+    ),
+    "activation_derivative": (
+        "use a gated cell (nn.LSTM / nn.GRU)",
+        "initialise W_hh orthogonally or as the identity",
+    ),
+    "forget_gate": (
+        "raise the forget-gate bias to 1-2 (b_if + b_hf), or use chrono initialisation",
+        "shorten the sequence or the truncation window (truncated BPTT)",
+    ),
+    "update_gate": (
+        "bias the update gate toward keeping the state (raise b_iz + b_hz)",
+        "shorten the sequence or the truncation window (truncated BPTT)",
+    ),
+    "large_recurrent_weight": (
+        "clip gradients (GradWatch(clip='norm') or a fixed max norm)",
+        "lower the learning rate",
+        "initialise W_hh with spectral radius <= 1 (orthogonal, scaled identity)",
+        "use a gated cell (nn.LSTM / nn.GRU)",
+    ),
+    "nonfinite": (
+        "clip gradients and lower the learning rate",
+        "check the inputs and the loss for inf/NaN",
+        "under fp16 AMP, keep the GradScaler enabled",
+    ),
+}
+
+
+def _at(causes: Causes | None, field: str, layer: int, d: int) -> float:
+    if causes is None:
+        return math.nan
+    value = getattr(causes, field)
+    return math.nan if value is None else float(value[layer, d])
+
+
+def _gate(causes: Causes | None, gate: str, layer: int, d: int) -> float:
+    if causes is None or gate not in causes.gate_mean:
+        return math.nan
+    return float(causes.gate_mean[gate][layer, d])
+
+
+def explain(
+    report: ModuleReport,
+    verdict: str,
+    where: tuple[int, int] | None,
+    nonfinite_at: NonfiniteLocation | None,
+) -> Explanation:
+    """The explanation of ``verdict``, measured at layer/direction ``where``."""
+    name = report.name
+    if verdict == "nonfinite":
+        place = str(nonfinite_at) if nonfinite_at else name
+        text = (
+            f"{name}: non-finite gradient (inf/NaN); it first appeared in backward order at "
+            f"{place}."
+        )
+        loc = (nonfinite_at.layer, nonfinite_at.direction) if nonfinite_at else (None, None)
+        return Explanation(verdict, "nonfinite", text, *loc, REMEDIES["nonfinite"])
+    if where is None or report.gain is None:
+        return Explanation(verdict, "none", f"{name}: {verdict}.")
+    layer, d = where
+    gain = float(report.gain[layer, d])
+    horizon = float(report.horizon[layer, d]) if report.horizon is not None else math.nan
+    where_txt = f"layer {layer}" + (f" direction {d}" if report.num_directions > 1 else "")
+    measured = (
+        f"per-step gain {gain:.3g}, horizon {horizon:.3g} steps for a sequence of "
+        f"{report.seq_len} steps"
+    )
+    if report.log10_attenuation is not None:
+        scale = float(report.log10_attenuation[layer, d])
+        measured += f" (a gradient carried over the whole sequence is scaled by 1e{scale:+.1f})"
+    if verdict == "healthy":
+        text = f"{name} {where_txt}: healthy: {measured}."
+        return Explanation(verdict, "none", text, layer, d)
+    cause, reason = _cause(report, verdict, layer, d)
+    text = f"{name} {where_txt}: {verdict} gradients: {measured}. Dominant cause: {reason}."
+    remedies = REMEDIES.get(cause, ())
+    if report.kind not in ("RNN_TANH", "RNN_RELU", "RNNCell", "custom"):  # already gated
+        remedies = tuple(r for r in remedies if "gated cell" not in r)
+    return Explanation(verdict, cause, text, layer, d, remedies)
+
+
+def _cause(report: ModuleReport, verdict: str, layer: int, d: int) -> tuple[str, str]:
+    c = report.causes
+    norm = _at(c, "weight_norm", layer, d)
+    radius = _at(c, "weight_radius", layer, d)
+    deriv = _at(c, "act_derivative", layer, d)
+    sat = _at(c, "saturation", layer, d)
+    kind = report.kind
+    if kind in ("LSTM", "LSTMCell") and verdict == "vanishing":
+        f = _gate(c, "forget", layer, d)
+        bias = _at(c, "forget_bias", layer, d)
+        return "forget_gate", (
+            f"the forget gate averages {f:.2f} (effective bias b_if + b_hf = {bias:.2f}), so "
+            f"the cell state keeps only {100 * f:.0f}% of its gradient per step"
+        )
+    if kind in ("GRU", "GRUCell") and verdict == "vanishing":
+        z = _gate(c, "update", layer, d)
+        return "update_gate", (
+            f"the update gate averages {z:.2f}, so the state passes on only {100 * z:.0f}% "
+            "of its gradient per step directly; the rest goes through the candidate"
+        )
+    relu = kind in ("RNN_RELU",)
+    act = "ReLU" if relu else "tanh"
+    if verdict == "exploding":
+        return "large_recurrent_weight", (
+            f"the recurrent weight is large: spectral radius {radius:.3g}, ||W_hh||_2 = "
+            f"{norm:.3g}, and the {act} units pass the gradient on (mean derivative "
+            f"{deriv:.2f}), so each step multiplies it by more than 1"
+        )
+    # vanishing, simple RNN: split log(gain) into weight and activation terms
+    if norm < 1:
+        return "small_recurrent_weight", (
+            f"||W_hh||_2 = {norm:.3g} < 1, so no step can do anything but shrink the gradient "
+            "(Pascanu bound)"
+        )
+    weight_term = math.log(radius) if radius > 0 else -math.inf
+    act_term = math.log(deriv) if deriv > 0 else -math.inf
+    if act_term < weight_term:
+        if not relu and sat > 0.2:
+            return "saturated_activation", (
+                f"{100 * sat:.0f}% of the tanh units are saturated (mean derivative "
+                f"{deriv:.2f}), which cuts the gradient at each step"
+            )
+        return "activation_derivative", (
+            f"the mean {act} derivative is {deriv:.2f}; with a spectral radius of {radius:.3g} "
+            "the product per step stays below 1"
+        )
+    return "small_recurrent_weight", (
+        f"the recurrent weight's spectral radius is {radius:.3g} (mean {act} derivative "
+        f"{deriv:.2f}): the repeated factor is below 1"
+    )

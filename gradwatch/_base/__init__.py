@@ -1,0 +1,1 @@
+"""Shared vocabulary of every layer: errors and the names of verdicts, kinds and gates."""

@@ -1,0 +1,416 @@
+"""Exact per-timestep gradients of fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` calls.
+
+A hook on a fused module's outputs sees only the gradient injected at each step from above;
+the gradient carried back through time exists only inside the kernel. So at forward time we
+keep references to the call's inputs, initial state, weights and outputs and put gradient
+hooks on the outputs (output sequence, ``h_n``, ``c_n``). After backward, the recurrence is
+replayed on detached copies with those gradients injected (`.recurrences`). The module's
+forward is never replaced, so training is bit-identical with or without a trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from gradwatch._analysis.quantities import QuantityOptions, fused_quantities, to_host
+from gradwatch._analysis.quantities.causes import sampled_steps
+from gradwatch._analysis.report import ModuleReport
+from gradwatch._analysis.verdicts import Thresholds, diagnose
+from gradwatch._capture.recurrences import LayerWeights, Recurrence, make_recurrence
+from gradwatch._capture.stats import relative_deviation, sample_norms, step_mean
+
+__all__ = [
+    "FusedCall",
+    "Replay",
+    "check_fused_module",
+    "record_fused_call",
+    "replay",
+    "replay_fused_call",
+]
+
+# Largest relative deviation of the replayed outputs from the real ones for a report to be
+# called exact. Observed deviations in float32 are ~1e-6 (different summation order).
+EXACT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+@dataclass
+class FusedCall:
+    """What one call of a fused recurrent module left for the replay."""
+
+    name: str
+    module_name: str
+    module: nn.RNNBase
+    input: Tensor | PackedSequence
+    hx: Tensor | None
+    cx: Tensor | None
+    output: Tensor | PackedSequence
+    h_n: Tensor
+    c_n: Tensor | None
+    weights: list[Tensor]
+    dropout_active: bool
+    # lengths given to a subclass whose forward packs a padded input itself (e.g.
+    # pytorch-forecasting's ``rnn(x, lengths=...)``): [B] on the CPU, else None
+    lengths: Tensor | None = None
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Drop hooks and every saved tensor."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.grads.clear()
+        self.input = self.output = self.h_n = torch.empty(0)
+        self.hx = self.cx = self.c_n = self.lengths = None
+        self.weights = []
+
+
+def check_fused_module(name: str, module: nn.RNNBase) -> None:
+    """Raise ``ValueError`` with the reason if the module cannot be replayed."""
+    if module.mode not in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
+        raise ValueError(f"module {name!r}: unsupported mode {module.mode!r}")
+    for w in module._flat_weights:
+        if w is not None and (not w.is_floating_point() or w.is_complex()):
+            raise ValueError(f"module {name!r}: parameters of dtype {w.dtype} are not supported")
+
+
+def record_fused_call(
+    name: str, module_name: str, module: nn.RNNBase, args: tuple, kwargs: dict, output: Any
+) -> FusedCall | None:
+    """Keep references to one call's tensors; ``None`` if the call cannot get a gradient."""
+    inp = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    out, state = output
+    h_n, c_n = state if isinstance(state, tuple) else (state, None)
+    out_data = out.data if isinstance(out, PackedSequence) else out
+    if not torch.is_grad_enabled() or not out_data.requires_grad:
+        return None
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+    lengths = _lengths_argument(args, kwargs, inp, out)
+    return FusedCall(
+        name=name,
+        module_name=module_name,
+        module=module,
+        input=_detach(inp),
+        hx=None if h0 is None else h0.detach(),
+        cx=None if c0 is None else c0.detach(),
+        output=_detach(out),
+        h_n=h_n.detach(),
+        c_n=None if c_n is None else c_n.detach(),
+        weights=[w.detach() for w in module._flat_weights],
+        dropout_active=module.training and module.dropout > 0 and module.num_layers > 1,
+        lengths=lengths,
+    )
+
+
+def _lengths_argument(args: tuple, kwargs: dict, inp: Any, out: Any) -> Tensor | None:
+    """Sequence lengths passed to a subclass that packs a padded input inside its forward
+    (``forward(x, hx=None, lengths=None, ...)``): without them the replay would treat the
+    padding as real steps."""
+    lengths = kwargs.get("lengths", args[2] if len(args) > 2 else None)
+    if not isinstance(lengths, Tensor) or isinstance(inp, PackedSequence):
+        return None
+    if not isinstance(out, Tensor) or inp.dim() != 3 or lengths.dim() != 1:
+        return None
+    if lengths.is_floating_point() or lengths.is_complex():
+        return None
+    return lengths.detach().to("cpu", torch.int64)
+
+
+def output_tensors(call_output: Any) -> dict[str, Tensor]:
+    """The differentiable outputs of a call, by slot name, for gradient hooks."""
+    out, state = call_output
+    h_n, c_n = state if isinstance(state, tuple) else (state, None)
+    slots = {"out": out.data if isinstance(out, PackedSequence) else out, "h_n": h_n}
+    if c_n is not None:
+        slots["c_n"] = c_n
+    return {k: v for k, v in slots.items() if v.requires_grad}
+
+
+def _detach(x: Tensor | PackedSequence) -> Tensor | PackedSequence:
+    if isinstance(x, PackedSequence):
+        return x._replace(data=x.data.detach())
+    return x.detach()
+
+
+# ---------------------------------------------------------------------------------- replay
+@dataclass
+class _Layout:
+    """A call's tensors in the replay layout: time-major, batched, original batch order."""
+
+    x: Tensor  # [T, B, I]
+    out: Tensor  # [T, B, D*P]
+    grad_out: Tensor | None  # [T, B, D*P]
+    lengths: Tensor | None  # [B], None when every sequence has T steps
+    unbatched: bool
+
+
+def _to_layout(call: FusedCall, dtype: torch.dtype) -> _Layout:
+    mod = call.module
+
+    def pad(data: Tensor) -> Tensor:
+        assert isinstance(call.input, PackedSequence)
+        return pad_packed_sequence(call.input._replace(data=data))[0]
+
+    grad_out = call.grads.get("out")
+    if isinstance(call.input, PackedSequence):
+        x, lengths = pad_packed_sequence(call.input)
+        assert isinstance(call.output, PackedSequence)
+        out = pad(call.output.data)
+        grad_out = None if grad_out is None else pad(grad_out)
+        return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
+    x, out = call.input, call.output
+    assert isinstance(x, Tensor) and isinstance(out, Tensor)
+    if call.lengths is not None:  # padded input packed inside the subclass's forward
+        if mod.batch_first:
+            x, out = x.transpose(0, 1), out.transpose(0, 1)
+            grad_out = None if grad_out is None else grad_out.transpose(0, 1)
+        steps = x.shape[0]
+        lengths = call.lengths.clamp(0, steps)
+        if grad_out is not None:  # padding positions never reach the recurrence
+            keep = torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)
+            grad_out = grad_out * keep.unsqueeze(-1).to(grad_out.device, grad_out.dtype)
+        return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
+    unbatched = x.dim() == 2
+    if unbatched:
+        x, out = x.unsqueeze(1), out.unsqueeze(1)
+        grad_out = None if grad_out is None else grad_out.unsqueeze(1)
+    elif mod.batch_first:
+        x, out = x.transpose(0, 1), out.transpose(0, 1)
+        grad_out = None if grad_out is None else grad_out.transpose(0, 1)
+    return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), None, unbatched)
+
+
+def _opt(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def _state(x: Tensor | None, unbatched: bool, dtype: torch.dtype) -> Tensor | None:
+    if x is None:
+        return None
+    return (x.unsqueeze(1) if unbatched else x).to(dtype)
+
+
+def _layer_weights(call: FusedCall, dtype: torch.dtype) -> dict[tuple[int, int], LayerWeights]:
+    mod = call.module
+    by_name = dict(zip(mod._flat_weights_names, call.weights, strict=True))
+    result = {}
+    for layer in range(mod.num_layers):
+        for direction in range(2 if mod.bidirectional else 1):
+            sfx = f"_l{layer}" + ("_reverse" if direction else "")
+
+            def get(kind: str, sfx: str = sfx) -> Tensor | None:
+                w = by_name.get(kind + sfx)
+                return None if w is None else w.to(dtype)
+
+            result[layer, direction] = LayerWeights(
+                w_ih=get("weight_ih"),
+                w_hh=get("weight_hh"),
+                b_ih=get("bias_ih"),
+                b_hh=get("bias_hh"),
+                w_hr=get("weight_hr"),
+            )
+    return result
+
+
+@dataclass
+class Replay:
+    """Everything the replay of one call produced."""
+
+    recurrences: dict[tuple[int, int], Recurrence]  # (layer, direction) -> trajectory
+    valid: Tensor | None  # [T, B] mask, None when every sequence covers every step
+    lengths: Tensor  # [B]
+    stats: dict[str, Tensor]  # total / carried / direct / cell_total: [L, D, T], on device
+    grad_input: Tensor | None  # dL/dx of the bottom layer [T, B, I], when asked for
+    fidelity: Tensor  # device scalar
+    dtype: torch.dtype
+
+
+def _weight_keys(mod: nn.RNNBase) -> dict[tuple[int, int], Tensor]:
+    """The module's own recurrent weight parameters by (layer, direction)."""
+    keys = {}
+    for layer in range(mod.num_layers):
+        for d in range(2 if mod.bidirectional else 1):
+            w = getattr(mod, f"weight_hh_l{layer}" + ("_reverse" if d else ""), None)
+            if isinstance(w, Tensor):
+                keys[layer, d] = w
+    return keys
+
+
+def replay_fused_call(
+    call: FusedCall,
+    thresholds: Thresholds | None = None,
+    options: QuantityOptions | None = None,
+) -> ModuleReport:
+    """Replay the recurrence of one call and return its per-timestep report, diagnosed."""
+    rep = replay(call)
+    mod = call.module
+    options = options or QuantityOptions()
+    device_values = dict(rep.stats)
+    device_values["fidelity"] = rep.fidelity
+    if options.propagation or options.causes:
+        q = fused_quantities(
+            rep.recurrences, rep.valid, rep.lengths, rep.stats, _weight_keys(mod), options
+        )
+    else:
+        q = {}
+    device_values.update(q)
+    host = to_host(device_values)  # the only device-to-host copy of the report
+    stats = {k: host.pop(k) for k in list(rep.stats)}
+    fidelity = float(host.pop("fidelity"))
+    reasons = []
+    if call.dropout_active:
+        reasons.append(
+            f"inter-layer dropout (p={mod.dropout}) in training mode: the kernel's dropout masks "
+            "are not visible, so layers below the top are replayed without dropout"
+        )
+    dtype = rep.dtype
+    if call.h_n.dtype not in EXACT_TOLERANCE:
+        reasons.append(f"the module computed in {call.h_n.dtype} (autocast?); replayed in {dtype}")
+    elif fidelity > EXACT_TOLERANCE[dtype] and not call.dropout_active:
+        reasons.append(
+            f"the replay deviates from the module's real outputs by {fidelity:.1e} "
+            "(relative); does a subclass change the forward computation?"
+        )
+    steps = stats["total"].shape[-1]
+    report = ModuleReport(
+        name=call.name,
+        module_name=call.module_name,
+        kind=mod.mode,
+        num_layers=mod.num_layers,
+        num_directions=2 if mod.bidirectional else 1,
+        total=stats["total"],
+        carried=stats["carried"],
+        direct=stats["direct"],
+        cell_total=stats.get("cell_total"),
+        valid_samples=(rep.lengths.view(1, -1) > torch.arange(steps).view(steps, 1)).sum(1),
+        exact=not reasons,
+        fidelity=fidelity,
+        approximate_reason="; ".join(reasons) or None,
+        source="replay",
+        received_gradient=bool(call.grads),
+    )
+    reverse_of = [False, True][: report.num_directions]
+    return diagnose(report, host, thresholds or Thresholds(), reverse_of)
+
+
+def replay(call: FusedCall, input_grad: bool = False) -> Replay:
+    """Replay the forward trajectory and the backward walk of one call.
+
+    ``input_grad`` also computes dL/dx of the bottom layer (used to validate the replay).
+    The replay runs in the weights' own precision (float32 or float64) even when called
+    inside an autocast region (the end of a backward pass under AMP), and records no graph.
+    """
+    device_type = call.weights[0].device.type if call.weights else "cpu"
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        return _replay(call, input_grad)
+
+
+def _replay(call: FusedCall, input_grad: bool) -> Replay:
+    mod = call.module
+    dtype = torch.float64 if call.weights[0].dtype == torch.float64 else torch.float32
+    lay = _to_layout(call, dtype)
+    steps, batch = lay.x.shape[0], lay.x.shape[1]
+    num_dir = 2 if mod.bidirectional else 1
+    out_size = mod.proj_size if mod.proj_size > 0 else mod.hidden_size
+    weights = _layer_weights(call, dtype)
+
+    # lengths live on the CPU (packed sequences keep them there): no device sync to test them
+    device = lay.x.device
+    valid2 = None
+    if lay.lengths is not None and bool((lay.lengths < steps).any()):
+        valid2 = torch.arange(steps).unsqueeze(1) < lay.lengths.unsqueeze(0)  # [T, B]
+        valid2 = valid2.to(device)
+    valid = None if valid2 is None else valid2.unsqueeze(-1)
+    lengths = lay.lengths if lay.lengths is not None else torch.full((batch,), steps)
+    time = torch.arange(steps, device=device).view(steps, 1, 1)
+    ends = (lengths - 1).to(device).view(1, batch, 1)
+    last = [(time == ends).to(dtype), (time == 0).to(dtype)]
+
+    h0 = _state(call.hx, lay.unbatched, dtype)
+    c0 = _state(call.cx, lay.unbatched, dtype)
+    if h0 is None:
+        h0 = lay.x.new_zeros(mod.num_layers * num_dir, batch, out_size)
+    if c0 is None and mod.mode == "LSTM":
+        c0 = lay.x.new_zeros(mod.num_layers * num_dir, batch, mod.hidden_size)
+
+    # Forward replay, bottom-up. Inter-layer dropout is not replayed (its masks are unseen).
+    recs, layer_input, h_n, c_n = {}, lay.x, [], []
+    for layer in range(mod.num_layers):
+        outs = []
+        for d in range(num_dir):
+            k = layer * num_dir + d
+            rec = make_recurrence(mod.mode, weights[layer, d], reverse=d == 1)
+            # the top layer's outputs are the call's outputs: visible, so every step can be
+            # computed from the real previous state at once
+            known = None
+            if layer == mod.num_layers - 1:
+                known = lay.out[..., d * out_size : (d + 1) * out_size]
+            cell0 = None if c0 is None else c0[k]
+            y, hn, cn = rec.forward(layer_input, h0[k], cell0, valid, known_out=known)
+            recs[layer, d] = rec
+            outs.append(y)
+            h_n.append(hn)
+            c_n.append(cn)
+        layer_input = torch.cat(outs, dim=-1)
+
+    # Fidelity on every final state and on up to 32 evenly spaced output steps: a forward that
+    # differs from the replay's deviates everywhere, and the full comparison costs as much as
+    # several replay passes.
+    probe = sampled_steps(steps, device) if steps else slice(None)
+    replayed = [layer_input[probe], torch.stack(h_n)]
+    real = [lay.out[probe], _real_state(call.h_n, lay, dtype)]
+    if call.c_n is not None:
+        replayed.append(torch.stack(c_n))
+        real.append(_real_state(call.c_n, lay, dtype))
+    fidelity = relative_deviation(replayed, real)
+
+    # Backward walk, top-down, with the observed output gradients injected.
+    grad_hn = _state(call.grads.get("h_n"), lay.unbatched, dtype)
+    grad_cn = _state(call.grads.get("c_n"), lay.unbatched, dtype)
+    direct = lay.grad_out
+    if direct is None:
+        direct = lay.x.new_zeros(steps, batch, num_dir * out_size)
+    shape = (mod.num_layers, num_dir, steps)
+    total, carried, direct_s = (lay.x.new_zeros(shape, dtype=torch.float32) for _ in range(3))
+    cell_total = lay.x.new_zeros(shape, dtype=torch.float32) if mod.mode == "LSTM" else None
+    for layer in reversed(range(mod.num_layers)):
+        grad_below = None
+        for d in range(num_dir):
+            k = layer * num_dir + d
+            res = recs[layer, d].backward(
+                direct[..., d * out_size : (d + 1) * out_size],
+                None if grad_hn is None else grad_hn[k],
+                None if grad_cn is None else grad_cn[k],
+                last[d],
+                valid,
+                input_grad=layer > 0 or input_grad,
+            )
+            total[layer, d] = step_mean(sample_norms(res.total_h), valid2)
+            direct_s[layer, d] = step_mean(sample_norms(res.direct_h), valid2)
+            carry = sample_norms(res.carried_h)
+            if res.carried_c is not None:
+                carry = torch.hypot(carry, sample_norms(res.carried_c))
+            carried[layer, d] = step_mean(carry, valid2)
+            if cell_total is not None and res.total_c is not None:
+                cell_total[layer, d] = step_mean(sample_norms(res.total_c), valid2)
+            if res.grad_input is not None:
+                gi = res.grad_input
+                grad_below = gi if grad_below is None else grad_below + gi
+        direct = grad_below
+
+    stats = {"total": total, "carried": carried, "direct": direct_s}
+    if cell_total is not None:
+        stats["cell_total"] = cell_total
+    if grad_below is not None and lay.unbatched:
+        grad_below = grad_below.squeeze(1)
+    return Replay(recs, valid2, lengths, stats, grad_below, fidelity, dtype)
+
+
+def _real_state(x: Tensor, lay: _Layout, dtype: torch.dtype) -> Tensor:
+    return (x.unsqueeze(1) if lay.unbatched else x).to(dtype)

@@ -1,0 +1,453 @@
+"""The framework-free core shared by the Lightning callback and the plain-PyTorch monitor.
+
+One *optimizer step* is the unit of everything here: the gradients of all the backward passes
+since the previous step (accumulation micro-batches, truncated-BPTT chunks, a closure called
+several times) make one step. The owner (an adapter) drives the core with two calls:
+
+- `MonitorCore.bind` once, when the model's recurrent modules exist, then
+  `MonitorCore.attach`;
+- `MonitorCore.finish_step` after the last backward of a step and *before* the
+  optimizer changes the weights (the replay needs the weights of the forward pass).
+
+Every step costs only the *cheap signals* (`.signals`), checked by the spike detector
+(`.detector`): the norm of the gradient injected into each watched module's outputs,
+the gradient norm of each module's parameters, and a non-finite check. Every
+``every_n_steps`` steps, and when the cheap signals show a spike or a non-finite value, the
+step is *captured*: the recurrences are replayed exactly (see
+`gradwatch._capture.tracing`), diagnosed and merged over micro-batches and ranks
+(`.merge`). Clipping lives in `.clip_control`.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch._analysis.report import Report
+from gradwatch._capture.discovery import RECURRENT_TYPES, Selector, cell_kind
+from gradwatch._capture.fused import check_fused_module
+from gradwatch._capture.tracing import Session
+from gradwatch._engine._common import (
+    Warn,
+    check_int,
+    check_selectors,
+    default_warn,
+    scaler_info,
+)
+from gradwatch._engine.clip_control import REACTIVE_VERDICTS, ClipControl
+from gradwatch._engine.detector import DeviceFlag, HostFlag, SpikeDetector
+from gradwatch._engine.merge import build_step_report, merge_module_reports
+from gradwatch._engine.signals import CheapSignals, StepOutcome, StepSignals
+
+__all__ = [
+    "DEFAULT_EVERY_N_STEPS",
+    "REACTIVE_VERDICTS",
+    "ClipControl",
+    "MonitorCore",
+    "StepOutcome",
+    "StepSignals",
+    "merge_module_reports",
+    "scaler_info",
+]
+
+#: Default capture interval in optimizer steps. A capture replays every watched recurrence
+#: once (about 0.7-1.3x the module's own forward and backward on the CPU, see
+#: docs/benchmarks.md) and diagnoses it, so the amortised cost is about 1% of a step at 100.
+#: Vanishing/exploding regimes change over hundreds of steps; sudden explosions are caught at
+#: every step by the cheap signals, which trigger a capture of their own.
+DEFAULT_EVERY_N_STEPS = 100
+_PENDING_MAX = 1000  # cheap signals kept on the device at most before a transfer
+
+
+def _unsupported(model: nn.Module) -> dict[str, str]:
+    """Recurrent modules that cannot be measured, with the reason."""
+    bad = {}
+    for qualified, module in model.named_modules():
+        if not isinstance(module, RECURRENT_TYPES):
+            continue
+        name = qualified or type(model).__name__
+        if isinstance(module, nn.RNNBase):
+            try:
+                check_fused_module(name, module)
+            except ValueError as e:
+                bad[name] = str(e)
+        elif cell_kind(module) is None:
+            bad[name] = f"{type(module).__name__} is not an RNNCell, LSTMCell or GRUCell"
+    return bad
+
+
+class MonitorCore:
+    """Schedule, cheap signals, capture, merging, reduction, detector state and history.
+
+    See `gradwatch.Monitor` and `gradwatch.GradWatch` for the arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
+        include: Iterable[Selector] | None = None,
+        exclude: Iterable[Selector] | None = None,
+        spike_factor: float = 10.0,
+        warmup_steps: int = 10,
+        history: int = 100,
+        log_every_n_steps: int | None = 50,
+        thresholds: Any = None,
+        async_flags: bool | None = None,
+        warn: Warn | None = None,
+    ) -> None:
+        check_int("every_n_steps", every_n_steps, 1)
+        check_int("warmup_steps", warmup_steps, 0)
+        check_int("history", history, 1)
+        check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        if (
+            isinstance(spike_factor, bool)
+            or not isinstance(spike_factor, int | float)
+            or not spike_factor > 1
+        ):
+            raise ValueError(
+                f"spike_factor must be a number > 1 (math.inf turns spike detection off), "
+                f"got {spike_factor!r}"
+            )
+        if async_flags is not None and not isinstance(async_flags, bool):
+            raise ValueError(f"async_flags must be True, False or None, got {async_flags!r}")
+        self.include = check_selectors("include", include)
+        self.exclude = check_selectors("exclude", exclude)
+        if thresholds is not None:
+            from gradwatch._analysis.verdicts import Thresholds
+
+            if not isinstance(thresholds, Thresholds):
+                raise ValueError(
+                    f"thresholds must be a gradwatch.Thresholds, got {thresholds!r}"
+                )
+        self.every_n_steps = every_n_steps
+        self.detector = SpikeDetector(float(spike_factor), warmup_steps)
+        self.history = history
+        self.log_every_n_steps = log_every_n_steps
+        self.thresholds = thresholds
+        self.async_flags = async_flags
+        self.warn: Warn = warn or default_warn
+        self.reports: OrderedDict[int, Report] = OrderedDict()
+        self.signals: deque[StepSignals] = deque(maxlen=10 * history)
+        self.tracker = self._make_tracker()
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """Everything that is rebuilt by `bind` and is not pickled."""
+        self.session: Session | None = None
+        self.names: list[str] = []
+        self._cheap = CheapSignals([], torch.device("cpu"))
+        self._device = torch.device("cpu")
+        self._loaded: dict[str, Any] | None = getattr(self, "_loaded", None)
+        self._pending: list[tuple[int, Any, Any, str | None]] = []
+        self._flags: deque[DeviceFlag | HostFlag] = deque()
+        self._planned: str | None = None
+        self._sync = True
+        self._warned: set[str] = set()
+        self.disabled: dict[str, str] = {}
+        self.broken: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: no hooks, no session
+        state = self.__dict__.copy()
+        for k in ("session", "_cheap", "_pending", "_flags"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.session, self._cheap = None, CheapSignals([], torch.device("cpu"))
+        self._pending, self._flags = [], deque()
+
+    def _make_tracker(self) -> Any:
+        from gradwatch._analysis.verdicts import VerdictTracker
+
+        return VerdictTracker(self.thresholds)
+
+    @property
+    def spike_factor(self) -> float:
+        return self.detector.spike_factor
+
+    @spike_factor.setter
+    def spike_factor(self, value: float) -> None:
+        self.detector.spike_factor = float(value)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.detector.warmup_steps
+
+    @warmup_steps.setter
+    def warmup_steps(self, value: int) -> None:
+        self.detector.warmup_steps = value
+
+    # -- results ---------------------------------------------------------------------------
+    @property
+    def _ema(self) -> Tensor | None:
+        """The spike detector's running log10 levels (``[2, M]`` float64)."""
+        return self.detector.ema
+
+    @property
+    def _count(self) -> Tensor | None:
+        return self.detector.count
+
+    @property
+    def verdicts(self) -> dict[str, str]:
+        """Latest verdict of every watched module call, with hysteresis."""
+        return dict(self.tracker.verdicts)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def bind(self, model: nn.Module, start_step: int = 0) -> list[str]:
+        """Find the recurrent modules of ``model`` (not yet hooked); returns their names.
+
+        Modules that cannot be measured are left out with a warning. When none is found,
+        warns with what was searched (states marked with ``gradwatch.mark_state`` are still
+        watched).
+        """
+        self.close()
+        bad = _unsupported(model)
+        exclude = list(self.exclude or [])
+        for name, why in bad.items():
+            self._warn_once(name, f"gradwatch: not watching {name!r}: {why}")
+            exclude.append(glob.escape(name))
+        session = Session(
+            model, include=self.include, exclude=exclude or None, thresholds=self.thresholds
+        )
+        self.session = session
+        self.names = list(session.names)
+        params = [list(m.parameters()) for _, m in session._targets]
+        first = next((p for ps in params for p in ps), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._cheap = CheapSignals(params, self._device)
+        self._sync = (
+            not self.async_flags if self.async_flags is not None else (self._device.type != "cuda")
+        )
+        if not self.names:
+            searched = sum(1 for _ in model.modules())
+            kinds = "nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell (and subclasses)"
+            filters = ""
+            if self.include or self.exclude:
+                filters = f" with include={self.include!r}, exclude={self.exclude!r}"
+            self._warn_once(
+                "<none>",
+                f"gradwatch: no recurrent module found in {type(model).__name__} (searched its "
+                f"{searched} modules for {kinds}{filters}); only states marked with "
+                "gradwatch.mark_state() will be measured",
+            )
+        self._restore_detector()
+        self._plan(start_step)
+        return self.names
+
+    def attach(self) -> None:
+        if self.session is not None and self.broken is None:
+            self.session.attach()
+
+    def detach(self) -> None:
+        if self.session is not None:
+            self.session.detach()
+
+    def close(self) -> None:
+        """Remove every hook and release everything recorded (the pending cheap signals are
+        copied to the history first)."""
+        if self.session is not None:
+            self.flush_signals()
+            self.session.close()
+        self.session = None
+        self._pending.clear()
+        self._flags.clear()
+        self._cheap.clear()
+
+    def break_down(self, error: BaseException) -> None:
+        """An unexpected internal error: stop monitoring altogether, warn once."""
+        self.broken = repr(error)
+        self.close()
+        self._warn_once(
+            "<internal>",
+            f"gradwatch: internal error, monitoring is switched off for the rest of the run "
+            f"(training continues unchanged): {error!r}",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(message)
+
+    # -- schedule --------------------------------------------------------------------------
+    def _plan(self, step: int, forced: str | None = None) -> None:
+        reason = "scheduled" if step % self.every_n_steps == 0 else None
+        self._planned = reason or forced
+        if self.session is not None:
+            self.session.plan(capture=self._planned is not None, retain=self._sync)
+
+    def is_logging_step(self, step: int) -> bool:
+        return self.log_every_n_steps is not None and step % self.log_every_n_steps == 0
+
+    # -- the step ----------------------------------------------------------------------------
+    def finish_step(
+        self,
+        step: int,
+        *,
+        optimizer: Any = None,
+        scaler: Any = None,
+        read_flags: bool = False,
+    ) -> StepOutcome:
+        """Close optimizer step ``step``: cheap signals, capture if due, plan the next step.
+
+        Call after the step's last backward pass and before the optimizer updates the
+        weights. ``scaler`` is the run's ``torch.amp.GradScaler``, if any. ``read_flags``
+        reads this step's flags on the host even with ``async_flags`` (one device sync; the
+        spike capture is still scheduled two steps later): reactive clipping needs them now.
+        """
+        session = self.session
+        if session is None or self.broken is not None:
+            return StepOutcome(step)
+        scale, grads_scaled, found_inf = scaler_info(scaler, optimizer)
+        injected = session.take_injected()
+        flag: DeviceFlag | HostFlag
+        if self._cheap.host:  # a CPU model: reading values costs nothing, no tensor ops
+            sig: Any = self._cheap.host_signals(injected, optimizer, scale, grads_scaled)
+            flag = HostFlag(self.detector.update_host(sig, scale is not None, found_inf))
+        else:
+            sig = self._cheap.device_signals(injected, optimizer, scale, grads_scaled)
+            flag = DeviceFlag(self.detector.update(sig, scale is not None, found_inf))
+
+        reason = self._planned
+        now: list[bool] | None = None
+        if self._sync:
+            now = flag.read()
+            if reason is None and session._retain and (now[0] or now[1]):
+                reason = "nonfinite" if now[1] else "spike"
+        elif reason is not None:  # a capture step synchronises anyway
+            now = flag.read()
+        else:
+            self._flags.append(flag)
+            if read_flags:
+                now = flag.read()
+        results, failures = session.finish(replay=reason is not None)
+
+        report = None
+        skipped = bool(now[2]) if now is not None else False
+        changes: tuple[Any, ...] = ()
+        if reason is not None:
+            report, failures = build_step_report(results, failures, scale)
+            if not report.modules and not report.failures:
+                report = None  # nothing was measured (no recurrent module reached)
+        self._handle_failures(failures)
+        if report is not None:
+            if not skipped:
+                changes = tuple(self.tracker.update(report))
+            self.reports[step] = report
+            while len(self.reports) > self.history:
+                self.reports.popitem(last=False)
+        self._pending.append((step, sig, flag.flags, reason))
+        materialised: tuple[StepSignals, ...] = ()
+        if reason is not None or self.is_logging_step(step) or len(self._pending) > _PENDING_MAX:
+            materialised = self.flush_signals()
+
+        forced = None
+        if not self._sync and len(self._flags) > 1:  # the previous step's flags, one step late
+            old = self._flags.popleft().read()
+            if old[1]:
+                forced = "nonfinite"
+            elif old[0]:
+                forced = "spike"
+        self._plan(step + 1, forced)
+        read = None if now is None else (bool(now[0]), bool(now[1]), bool(now[2]))
+        return StepOutcome(step, report, reason, skipped, changes, materialised, read)
+
+    def _handle_failures(self, failures: Mapping[str, str]) -> None:
+        if self.session is None:
+            return
+        for name, why in failures.items():
+            if name in self.disabled:
+                continue
+            self.disabled[name] = why
+            self.session.disable(name, why)
+            self._warn_once(
+                f"failure:{name}",
+                f"gradwatch: stopped watching {name!r} after an internal error ({why}); the "
+                "other modules are still watched and training is not affected",
+            )
+
+    # -- history -----------------------------------------------------------------------------
+    def flush_signals(self) -> tuple[StepSignals, ...]:
+        """Copy the pending cheap signals to the host history (one transfer)."""
+        if not self._pending:
+            return ()
+        pending, self._pending = self._pending, []
+        on_device = [i for i, p in enumerate(pending) if isinstance(p[1], Tensor)]
+        rows: list[Any] = [p[1] for p in pending]
+        flags: list[Any] = [p[2] for p in pending]
+        if on_device:
+            sigs = torch.stack([rows[i] for i in on_device]).cpu().tolist()
+            fls = torch.stack([flags[i] for i in on_device]).cpu().tolist()
+            for i, sig, fl in zip(on_device, sigs, fls, strict=True):
+                rows[i], flags[i] = sig, fl
+        out = []
+        for (step, _, _, reason), sig, fl in zip(pending, rows, flags, strict=True):
+            per = []
+            for r in range(2):
+                cnt = sig[2 + r]
+                per.append(
+                    {
+                        n: sig[r][i] / max(cnt[i], 1.0)
+                        for i, n in enumerate(self.names)
+                        if cnt[i] > 0
+                    }
+                )
+            spike, nonfinite, skipped = (bool(v) for v in fl)
+            s = StepSignals(step, per[0], per[1], spike, nonfinite, skipped, reason)
+            self.signals.append(s)
+            out.append(s)
+        return tuple(out)
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Detector state and history, made of plain types and CPU tensors only (loadable
+        with ``torch.load(weights_only=True)``). Reports are not saved."""
+        self.flush_signals()
+        pending = getattr(self, "_loaded", None)
+        if pending is not None:  # loaded before training started: hand it on unchanged
+            return {
+                **pending,
+                "tracker": self.tracker.state_dict(),
+                "signals": [s.as_dict() for s in self.signals],
+            }
+        ema, count = self.detector.ema, self.detector.count
+        return {
+            "version": 1,
+            "names": list(self.names),
+            "ema": None if ema is None else ema.detach().cpu().clone(),
+            "count": None if count is None else count.detach().cpu().clone(),
+            "tracker": self.tracker.state_dict(),
+            "signals": [s.as_dict() for s in self.signals],
+            "disabled": dict(self.disabled),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError(f"not a gradwatch monitor state: {state!r:.200}")
+        self.tracker.load_state_dict(state["tracker"])
+        self.signals = deque(
+            (StepSignals(**s) for s in state.get("signals", [])), maxlen=10 * self.history
+        )
+        self._loaded = state
+        if self.session is not None:
+            self._restore_detector()
+
+    def _restore_detector(self) -> None:
+        state, self._loaded = self._loaded, None
+        if state is None:
+            return
+        if state.get("names") != self.names:
+            self._warn_once(
+                "<resume>",
+                "gradwatch: the checkpoint's monitor state is for modules "
+                f"{state.get('names')}, the model has {self.names}: spike detection restarts",
+            )
+            return
+        if state.get("ema") is not None:
+            self.detector.load(state["ema"], state["count"], self._device, self._cheap.host)

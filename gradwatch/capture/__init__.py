@@ -1,5 +1,0 @@
-"""Capture: how the per-timestep hidden-state gradients dL/dh_t are obtained."""
-
-from gradwatch.capture.tracing import Trace, mark_state, trace
-
-__all__ = ["Trace", "mark_state", "trace"]
