@@ -39,7 +39,8 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gradwatch tests examples benchmarks
+	$(VENV)/bin/ruff check gradwatch tests examples benchmarks docs
+	$(VENV)/bin/lint-imports
 
 demo: $(STAMP)
 	$(PY) examples/adding_problem.py
