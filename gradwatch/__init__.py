@@ -11,7 +11,8 @@ from gradwatch._base.errors import (
     NoRecurrentModuleError,
     UnsupportedModuleError,
 )
-from gradwatch._capture import Trace, mark_state, trace
+from gradwatch._capture import mark_state
+from gradwatch._engine.trace import Trace, trace
 
 __version__ = "0.1.0.dev0"
 

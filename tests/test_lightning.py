@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch._capture import tracing
+from gradwatch._capture import recorder as tracing
+from gradwatch._capture.families import fused as fused_family
 
 L = pytest.importorskip("lightning.pytorch")
 
@@ -234,14 +235,14 @@ def test_validation_is_not_hooked_and_hooks_are_gone_after_fit():
 
 
 def test_internal_error_disables_one_module_and_training_continues(monkeypatch):
-    real = tracing.replay_fused_call
+    real = fused_family.capture_call
 
     def failing(call, *args, **kwargs):
         if call.module_name == "rnn":
             raise RuntimeError("injected failure")
         return real(call, *args, **kwargs)
 
-    monkeypatch.setattr(tracing, "replay_fused_call", failing)
+    monkeypatch.setattr(fused_family, "capture_call", failing)
     model = LM("GRU")
     cb = gradwatch.GradWatch(every_n_steps=1)
     with pytest.warns(RuntimeWarning, match="stopped watching 'rnn'.*injected failure") as rec:

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import gradwatch
-from gradwatch._capture import tracing
+from gradwatch._capture import recorder as tracing
+from gradwatch._capture.families import fused as fused_family
 from gradwatch._engine.monitor import MonitorCore, merge_module_reports
 
 
@@ -226,14 +227,14 @@ def test_nonfinite_gradient_is_captured_and_flagged():
 
 
 def test_internal_error_disables_only_that_module(monkeypatch):
-    real = tracing.replay_fused_call
+    real = fused_family.capture_call
 
     def failing(call, *args, **kwargs):
         if call.module_name == "b":
             raise RuntimeError("boom")
         return real(call, *args, **kwargs)
 
-    monkeypatch.setattr(tracing, "replay_fused_call", failing)
+    monkeypatch.setattr(fused_family, "capture_call", failing)
     torch.manual_seed(0)
     model = TwoRNNs()
     twin = copy.deepcopy(model)

@@ -13,14 +13,13 @@ it derives from the ``Callback`` of each namespace that is installed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from gradwatch._analysis.report import Report
-from gradwatch._capture.discovery import Selector
+from gradwatch._capture import Selectors, normalize_selectors
 from gradwatch._clipping import ClipEvent
 from gradwatch._engine.monitor import (
     DEFAULT_EVERY_N_STEPS,
@@ -148,8 +147,8 @@ class _GradWatch:
         self,
         every_n_steps: int = DEFAULT_EVERY_N_STEPS,
         *,
-        include: Iterable[Selector] | None = None,
-        exclude: Iterable[Selector] | None = None,
+        include: Selectors | None = None,
+        exclude: Selectors | None = None,
         spike_factor: float = 10.0,
         warmup_steps: int = 10,
         history: int = 100,
@@ -164,6 +163,9 @@ class _GradWatch:
     ) -> None:
         if not isinstance(figures, bool):
             raise ValueError(f"figures must be True or False, got {figures!r}")
+        # a tuple from here on: pickles as given (a single pattern is never split up)
+        include = normalize_selectors(include, "include")
+        exclude = normalize_selectors(exclude, "exclude")
         args = dict(
             every_n_steps=every_n_steps,
             include=include,

@@ -15,14 +15,13 @@ mon.verdicts                     # {"encoder.rnn": "healthy", ...}
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
 from torch import nn
 
 from gradwatch._analysis.report import Report
-from gradwatch._capture.discovery import Selector
+from gradwatch._capture import Selectors
 from gradwatch._clipping import ClipEvent
 from gradwatch._engine.monitor import (
     DEFAULT_EVERY_N_STEPS,
@@ -90,8 +89,8 @@ class Monitor:
         model: nn.Module,
         *,
         every_n_steps: int = DEFAULT_EVERY_N_STEPS,
-        include: Iterable[Selector] | None = None,
-        exclude: Iterable[Selector] | None = None,
+        include: Selectors | None = None,
+        exclude: Selectors | None = None,
         spike_factor: float = 10.0,
         warmup_steps: int = 10,
         history: int = 100,
@@ -262,7 +261,7 @@ class Monitor:
             self._clip.load_state_dict(clip)
         self.core.load_state_dict(state)
         self.global_step = int(step)
-        self.core._plan(self.global_step)
+        self.core.plan_step(self.global_step)
 
 
 def _change_message(change: Any) -> str:

@@ -1,1 +1,5 @@
-"""Analysis: from a raw capture to quantities, verdicts and a diagnosed report."""
+"""Analysis: quantities and verdicts from raw captures; `analyze` is the one entry point."""
+
+from gradwatch._analysis.analyze import analyze
+
+__all__ = ["analyze"]

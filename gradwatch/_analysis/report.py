@@ -8,11 +8,23 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from gradwatch._base.errors import CaptureError
+from gradwatch._base.vocabulary import VERDICTS
 
-__all__ = ["VERDICTS", "Causes", "Explanation", "ModuleReport", "NonfiniteLocation", "Report"]
+__all__ = [
+    "VERDICTS",
+    "Causes",
+    "Explanation",
+    "ModuleReport",
+    "NonfiniteLocation",
+    "Report",
+    "covered_length",
+]
 
-# Verdicts from best to worst; a module's verdict is the worst over its layers and directions.
-VERDICTS = ("healthy", "vanishing", "exploding", "nonfinite")
+
+def covered_length(valid_samples: Tensor) -> int:
+    """The longest sequence length of a call: the last step some sample covers, plus one."""
+    covered = (valid_samples > 0).nonzero()
+    return int(covered.max()) + 1 if covered.numel() else 0
 
 
 @dataclass(frozen=True)

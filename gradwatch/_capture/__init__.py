@@ -1,5 +1,35 @@
-"""Capture: how the per-timestep hidden-state gradients dL/dh_t are obtained."""
+"""Capture: how the per-timestep hidden-state gradients dL/dh_t are obtained.
 
-from gradwatch._capture.tracing import Trace, mark_state, trace
+Capture yields raw, undiagnosed captures (`RawCapture`); `gradwatch._analysis.analyze` turns
+them into reports. One `Recorder` hooks a model; each kind of recurrence is a family in
+`gradwatch._capture.families`.
+"""
 
-__all__ = ["Trace", "mark_state", "trace"]
+from gradwatch._capture.families import Family, register, registered
+from gradwatch._capture.families.marked import mark_state
+from gradwatch._capture.raw import RawCapture, Recurrences, Walkable
+from gradwatch._capture.recorder import Recorder, active_recorder
+from gradwatch._capture.selection import (
+    Selection,
+    Selector,
+    Selectors,
+    normalize_selectors,
+    select_modules,
+)
+
+__all__ = [
+    "Family",
+    "RawCapture",
+    "Recorder",
+    "Recurrences",
+    "Selection",
+    "Selector",
+    "Selectors",
+    "Walkable",
+    "active_recorder",
+    "mark_state",
+    "normalize_selectors",
+    "register",
+    "registered",
+    "select_modules",
+]

@@ -5,7 +5,8 @@ the gradient carried back through time exists only inside the kernel. So at forw
 keep references to the call's inputs, initial state, weights and outputs and put gradient
 hooks on the outputs (output sequence, ``h_n``, ``c_n``). After backward, the recurrence is
 replayed on detached copies with those gradients injected (`.recurrences`). The module's
-forward is never replaced, so training is bit-identical with or without a trace.
+forward is never replaced, so training is bit-identical with or without a trace. The family
+that hooks the modules is `gradwatch._capture.families.fused`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from gradwatch._analysis.quantities import QuantityOptions, fused_quantities, to_host
-from gradwatch._analysis.quantities.causes import sampled_steps
-from gradwatch._analysis.report import ModuleReport
-from gradwatch._analysis.verdicts import Thresholds, diagnose
 from gradwatch._capture.recurrences import LayerWeights, Recurrence, make_recurrence
-from gradwatch._capture.stats import relative_deviation, sample_norms, step_mean
+from gradwatch._capture.stats import relative_deviation, sample_norms, sampled_steps, step_mean
 
 __all__ = [
+    "EXACT_TOLERANCE",
     "FusedCall",
     "Replay",
     "check_fused_module",
+    "output_tensors",
     "record_fused_call",
     "replay",
-    "replay_fused_call",
 ]
 
 # Largest relative deviation of the replayed outputs from the real ones for a report to be
@@ -229,74 +227,6 @@ class Replay:
     grad_input: Tensor | None  # dL/dx of the bottom layer [T, B, I], when asked for
     fidelity: Tensor  # device scalar
     dtype: torch.dtype
-
-
-def _weight_keys(mod: nn.RNNBase) -> dict[tuple[int, int], Tensor]:
-    """The module's own recurrent weight parameters by (layer, direction)."""
-    keys = {}
-    for layer in range(mod.num_layers):
-        for d in range(2 if mod.bidirectional else 1):
-            w = getattr(mod, f"weight_hh_l{layer}" + ("_reverse" if d else ""), None)
-            if isinstance(w, Tensor):
-                keys[layer, d] = w
-    return keys
-
-
-def replay_fused_call(
-    call: FusedCall,
-    thresholds: Thresholds | None = None,
-    options: QuantityOptions | None = None,
-) -> ModuleReport:
-    """Replay the recurrence of one call and return its per-timestep report, diagnosed."""
-    rep = replay(call)
-    mod = call.module
-    options = options or QuantityOptions()
-    device_values = dict(rep.stats)
-    device_values["fidelity"] = rep.fidelity
-    if options.propagation or options.causes:
-        q = fused_quantities(
-            rep.recurrences, rep.valid, rep.lengths, rep.stats, _weight_keys(mod), options
-        )
-    else:
-        q = {}
-    device_values.update(q)
-    host = to_host(device_values)  # the only device-to-host copy of the report
-    stats = {k: host.pop(k) for k in list(rep.stats)}
-    fidelity = float(host.pop("fidelity"))
-    reasons = []
-    if call.dropout_active:
-        reasons.append(
-            f"inter-layer dropout (p={mod.dropout}) in training mode: the kernel's dropout masks "
-            "are not visible, so layers below the top are replayed without dropout"
-        )
-    dtype = rep.dtype
-    if call.h_n.dtype not in EXACT_TOLERANCE:
-        reasons.append(f"the module computed in {call.h_n.dtype} (autocast?); replayed in {dtype}")
-    elif fidelity > EXACT_TOLERANCE[dtype] and not call.dropout_active:
-        reasons.append(
-            f"the replay deviates from the module's real outputs by {fidelity:.1e} "
-            "(relative); does a subclass change the forward computation?"
-        )
-    steps = stats["total"].shape[-1]
-    report = ModuleReport(
-        name=call.name,
-        module_name=call.module_name,
-        kind=mod.mode,
-        num_layers=mod.num_layers,
-        num_directions=2 if mod.bidirectional else 1,
-        total=stats["total"],
-        carried=stats["carried"],
-        direct=stats["direct"],
-        cell_total=stats.get("cell_total"),
-        valid_samples=(rep.lengths.view(1, -1) > torch.arange(steps).view(steps, 1)).sum(1),
-        exact=not reasons,
-        fidelity=fidelity,
-        approximate_reason="; ".join(reasons) or None,
-        source="replay",
-        received_gradient=bool(call.grads),
-    )
-    reverse_of = [False, True][: report.num_directions]
-    return diagnose(report, host, thresholds or Thresholds(), reverse_of)
 
 
 def replay(call: FusedCall, input_grad: bool = False) -> Replay:

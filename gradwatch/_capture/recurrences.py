@@ -136,7 +136,21 @@ class Recurrence:
         xp = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
         return xp.view(*x.shape[:-1], -1)
 
-    # -- what the diagnostics read ---------------------------------------------------------
+    # -- what the diagnostics read (the `gradwatch._capture.raw.Walkable` protocol) ---------
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        """Widths of the state parts: ``(P,)``, or ``(P, H)`` with the LSTM cell state."""
+        out = self.w.w_hh.shape[1]
+        return (out, self.hidden_size) if self.has_cell else (out,)
+
+    @property
+    def gated(self) -> bool:
+        return self.gates > 1
+
+    @property
+    def weight(self) -> Tensor:
+        return self.w.w_hh
+
     def recurrent_matrix(self) -> Tensor:
         """The map from the previous output to the pre-activations (``W_hh``, or
         ``W_hh @ W_hr`` for an LSTM with projections)."""

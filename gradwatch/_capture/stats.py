@@ -1,11 +1,14 @@
-"""The per-step statistic: per-sample L2 norm over hidden units, then the mean over the batch."""
+"""The per-step statistic: per-sample L2 norm over hidden units, then the mean over the batch;
+and the evenly spaced steps the fidelity probes and trajectory statistics look at."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["relative_deviation", "sample_norms", "step_mean"]
+__all__ = ["MAX_SAMPLED_STEPS", "relative_deviation", "sample_norms", "sampled_steps", "step_mean"]
+
+MAX_SAMPLED_STEPS = 32  # trajectory statistics and fidelity probes look at this many steps
 
 
 def sample_norms(x: Tensor) -> Tensor:
@@ -48,3 +51,12 @@ def relative_deviation(replayed: list[Tensor], real: list[Tensor]) -> Tensor:
         return torch.zeros(())
     tiny = torch.finfo(torch.float32).tiny
     return torch.stack(worst).max() / torch.stack(scale).max().clamp(min=tiny)
+
+
+def sampled_steps(lengths_max: int, device: torch.device) -> Tensor:
+    """Evenly spaced timesteps (at most ``MAX_SAMPLED_STEPS``) for trajectory statistics.
+
+    Built on the host from the known length (``unique`` on a device would synchronise)."""
+    count = min(lengths_max, MAX_SAMPLED_STEPS)
+    steps = sorted({round(i * (lengths_max - 1) / max(count - 1, 1)) for i in range(count)})
+    return torch.tensor(steps, dtype=torch.long).to(device)

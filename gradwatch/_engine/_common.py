@@ -9,9 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from gradwatch._capture.discovery import Selector
+from torch import Tensor
 
 log = logging.getLogger("gradwatch")
 
@@ -72,24 +70,3 @@ def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> 
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_selectors(name: str, selectors: Any) -> list[Selector] | None:
-    if selectors is None:
-        return None
-    if isinstance(selectors, str | type):
-        selectors = [selectors]
-    try:
-        out = list(selectors)
-    except TypeError:
-        raise ValueError(
-            f"{name} must be a module name pattern, a module type, or a list of them; "
-            f"got {selectors!r}"
-        ) from None
-    for s in out:
-        if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
-            raise ValueError(
-                f"{name} must hold module name patterns (fnmatch, e.g. 'encoder.*') or "
-                f"nn.Module subclasses, got {s!r}"
-            )
-    return out

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
-from gradwatch._capture.discovery import RECURRENT_TYPES, Selector
+from gradwatch._capture import Selectors, select_modules
 from gradwatch._clipping import ClipEvent, Clipper
 from gradwatch._engine._common import Warn, is_rank_zero, log, scaler_info
 from gradwatch._engine.signals import StepOutcome
@@ -113,21 +113,12 @@ class ClipControl:
     def bind(
         self,
         model: nn.Module,
-        include: Iterable[Selector] | None = None,
-        exclude: Iterable[Selector] | None = None,
+        include: Selectors | None = None,
+        exclude: Selectors | None = None,
     ) -> None:
         """Find the recurrent modules' parameters (``scope="recurrent"``) of ``model``."""
-        from gradwatch._capture.discovery import _matches, display_name
-
         ids: set[int] = set()
-        for qualified, module in model.named_modules():
-            if not isinstance(module, RECURRENT_TYPES):
-                continue
-            name = display_name(model, qualified)
-            if include and not _matches(name, module, include):
-                continue
-            if exclude and _matches(name, module, exclude):
-                continue
+        for _, module in select_modules(model, include, exclude).modules():
             ids.update(id(p) for p in module.parameters())
         self._recurrent = ids
         self._cache.clear()

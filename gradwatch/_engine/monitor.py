@@ -13,32 +13,26 @@ Every step costs only the *cheap signals* (`.signals`), checked by the spike det
 (`.detector`): the norm of the gradient injected into each watched module's outputs,
 the gradient norm of each module's parameters, and a non-finite check. Every
 ``every_n_steps`` steps, and when the cheap signals show a spike or a non-finite value, the
-step is *captured*: the recurrences are replayed exactly (see
-`gradwatch._capture.tracing`), diagnosed and merged over micro-batches and ranks
-(`.merge`). Clipping lives in `.clip_control`.
+step is *captured*: the recurrences are recorded by a windowed `gradwatch._capture.Recorder`,
+analysed (`gradwatch._analysis.analyze`) and merged over micro-batches and ranks (`.merge`).
+Clipping lives in `.clip_control`.
 """
 
 from __future__ import annotations
 
-import glob
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gradwatch._analysis import analyze
 from gradwatch._analysis.report import Report
-from gradwatch._capture.discovery import RECURRENT_TYPES, Selector, cell_kind
-from gradwatch._capture.fused import check_fused_module
-from gradwatch._capture.tracing import Session
-from gradwatch._engine._common import (
-    Warn,
-    check_int,
-    check_selectors,
-    default_warn,
-    scaler_info,
-)
+from gradwatch._capture import Recorder, Selectors, normalize_selectors, select_modules
+from gradwatch._capture.families import looked_for
+from gradwatch._engine._common import Warn, check_int, default_warn, scaler_info
 from gradwatch._engine.clip_control import REACTIVE_VERDICTS, ClipControl
 from gradwatch._engine.detector import DeviceFlag, HostFlag, SpikeDetector
 from gradwatch._engine.merge import build_step_report, merge_module_reports
@@ -64,23 +58,6 @@ DEFAULT_EVERY_N_STEPS = 100
 _PENDING_MAX = 1000  # cheap signals kept on the device at most before a transfer
 
 
-def _unsupported(model: nn.Module) -> dict[str, str]:
-    """Recurrent modules that cannot be measured, with the reason."""
-    bad = {}
-    for qualified, module in model.named_modules():
-        if not isinstance(module, RECURRENT_TYPES):
-            continue
-        name = qualified or type(model).__name__
-        if isinstance(module, nn.RNNBase):
-            try:
-                check_fused_module(name, module)
-            except ValueError as e:
-                bad[name] = str(e)
-        elif cell_kind(module) is None:
-            bad[name] = f"{type(module).__name__} is not an RNNCell, LSTMCell or GRUCell"
-    return bad
-
-
 class MonitorCore:
     """Schedule, cheap signals, capture, merging, reduction, detector state and history.
 
@@ -91,8 +68,8 @@ class MonitorCore:
         self,
         *,
         every_n_steps: int = DEFAULT_EVERY_N_STEPS,
-        include: Iterable[Selector] | None = None,
-        exclude: Iterable[Selector] | None = None,
+        include: Selectors | None = None,
+        exclude: Selectors | None = None,
         spike_factor: float = 10.0,
         warmup_steps: int = 10,
         history: int = 100,
@@ -116,15 +93,13 @@ class MonitorCore:
             )
         if async_flags is not None and not isinstance(async_flags, bool):
             raise ValueError(f"async_flags must be True, False or None, got {async_flags!r}")
-        self.include = check_selectors("include", include)
-        self.exclude = check_selectors("exclude", exclude)
+        self.include = normalize_selectors(include, "include")
+        self.exclude = normalize_selectors(exclude, "exclude")
         if thresholds is not None:
             from gradwatch._analysis.verdicts import Thresholds
 
             if not isinstance(thresholds, Thresholds):
-                raise ValueError(
-                    f"thresholds must be a gradwatch.Thresholds, got {thresholds!r}"
-                )
+                raise ValueError(f"thresholds must be a gradwatch.Thresholds, got {thresholds!r}")
         self.every_n_steps = every_n_steps
         self.detector = SpikeDetector(float(spike_factor), warmup_steps)
         self.history = history
@@ -139,7 +114,7 @@ class MonitorCore:
 
     def _init_runtime(self) -> None:
         """Everything that is rebuilt by `bind` and is not pickled."""
-        self.session: Session | None = None
+        self.session: Recorder | None = None
         self.names: list[str] = []
         self._cheap = CheapSignals([], torch.device("cpu"))
         self._device = torch.device("cpu")
@@ -208,17 +183,16 @@ class MonitorCore:
         watched).
         """
         self.close()
-        bad = _unsupported(model)
-        exclude = list(self.exclude or [])
-        for name, why in bad.items():
+        selection = select_modules(model, self.include, self.exclude)
+        for name, _, why in selection.unsupported:
             self._warn_once(name, f"gradwatch: not watching {name!r}: {why}")
-            exclude.append(glob.escape(name))
-        session = Session(
-            model, include=self.include, exclude=exclude or None, thresholds=self.thresholds
-        )
+        for entry in selection.unmatched:
+            self._warn_once(f"unmatched:{entry}", f"gradwatch: {entry} matched no recurrent module")
+        consume = partial(analyze, thresholds=self.thresholds)
+        session = Recorder(model, selection.watched, consume, windowed=True)
         self.session = session
         self.names = list(session.names)
-        params = [list(m.parameters()) for _, m in session._targets]
+        params = [list(m.parameters()) for _, m, _ in selection.watched]
         first = next((p for ps in params for p in ps), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._cheap = CheapSignals(params, self._device)
@@ -226,19 +200,17 @@ class MonitorCore:
             not self.async_flags if self.async_flags is not None else (self._device.type != "cuda")
         )
         if not self.names:
-            searched = sum(1 for _ in model.modules())
-            kinds = "nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell (and subclasses)"
             filters = ""
             if self.include or self.exclude:
                 filters = f" with include={self.include!r}, exclude={self.exclude!r}"
             self._warn_once(
                 "<none>",
                 f"gradwatch: no recurrent module found in {type(model).__name__} (searched its "
-                f"{searched} modules for {kinds}{filters}); only states marked with "
-                "gradwatch.mark_state() will be measured",
+                f"{selection.searched} modules for {looked_for()} and their subclasses"
+                f"{filters}); only states marked with gradwatch.mark_state() will be measured",
             )
         self._restore_detector()
-        self._plan(start_step)
+        self.plan_step(start_step)
         return self.names
 
     def attach(self) -> None:
@@ -276,7 +248,9 @@ class MonitorCore:
             self.warn(message)
 
     # -- schedule --------------------------------------------------------------------------
-    def _plan(self, step: int, forced: str | None = None) -> None:
+    def plan_step(self, step: int, forced: str | None = None) -> None:
+        """Set what optimizer step ``step`` records: a capture when it is scheduled or
+        ``forced`` (``"spike"``, ``"nonfinite"``), else only the cheap signals."""
         reason = "scheduled" if step % self.every_n_steps == 0 else None
         self._planned = reason or forced
         if self.session is not None:
@@ -318,7 +292,7 @@ class MonitorCore:
         now: list[bool] | None = None
         if self._sync:
             now = flag.read()
-            if reason is None and session._retain and (now[0] or now[1]):
+            if reason is None and session.retaining and (now[0] or now[1]):
                 reason = "nonfinite" if now[1] else "spike"
         elif reason is not None:  # a capture step synchronises anyway
             now = flag.read()
@@ -354,7 +328,7 @@ class MonitorCore:
                 forced = "nonfinite"
             elif old[0]:
                 forced = "spike"
-        self._plan(step + 1, forced)
+        self.plan_step(step + 1, forced)
         read = None if now is None else (bool(now[0]), bool(now[1]), bool(now[2]))
         return StepOutcome(step, report, reason, skipped, changes, materialised, read)
 

@@ -2,9 +2,16 @@
 
 from gradwatch._analysis.quantities.module import (
     QuantityOptions,
+    estimated_from_actual,
     fused_quantities,
     stepwise_quantities,
     to_host,
 )
 
-__all__ = ["QuantityOptions", "fused_quantities", "stepwise_quantities", "to_host"]
+__all__ = [
+    "QuantityOptions",
+    "estimated_from_actual",
+    "fused_quantities",
+    "stepwise_quantities",
+    "to_host",
+]

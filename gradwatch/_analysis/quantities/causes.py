@@ -16,13 +16,23 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from gradwatch._capture.recurrences import Recurrence
+from gradwatch._capture.raw import Walkable
+from gradwatch._capture.stats import MAX_SAMPLED_STEPS, sampled_steps
 
-__all__ = ["GATE_HIGH", "GATE_LOW", "SATURATED_DERIVATIVE", "spectral_norm", "spectral_radius"]
+__all__ = [
+    "GATE_HIGH",
+    "GATE_LOW",
+    "MAX_SAMPLED_STEPS",
+    "SATURATED_DERIVATIVE",
+    "sampled_steps",
+    "spectral_norm",
+    "spectral_radius",
+    "trajectory_causes",
+    "weight_causes",
+]
 
 SATURATED_DERIVATIVE = 0.1  # tanh units with f' below this (|h| > 0.95) count as saturated
 GATE_LOW, GATE_HIGH = 0.1, 0.9  # gate values outside [0.1, 0.9] count as saturated
-MAX_SAMPLED_STEPS = 32
 
 _NORM_ITERS, _RADIUS_ITERS = 24, 64
 # Power-iteration vectors from the previous report, per weight tensor (weakly held).
@@ -76,15 +86,6 @@ def spectral_radius(w: Tensor, key: Tensor | None = None, iters: int = _RADIUS_I
     return (total / counted).exp().to(w.dtype)
 
 
-def sampled_steps(lengths_max: int, device: torch.device) -> Tensor:
-    """Evenly spaced timesteps (at most ``MAX_SAMPLED_STEPS``) for trajectory statistics.
-
-    Built on the host from the known length (``unique`` on a device would synchronise)."""
-    count = min(lengths_max, MAX_SAMPLED_STEPS)
-    steps = sorted({round(i * (lengths_max - 1) / max(count - 1, 1)) for i in range(count)})
-    return torch.tensor(steps, dtype=torch.long).to(device)
-
-
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     """Mean of ``x`` [S, B, H] over valid samples (``mask`` [S, B]) and units, in float64."""
     x = x.double()
@@ -94,7 +95,7 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return (x * m).sum() / (m.sum() * x.shape[-1]).clamp(min=1)
 
 
-def trajectory_causes(rec: Recurrence, valid: Tensor | None, steps: Tensor) -> dict[str, Tensor]:
+def trajectory_causes(rec: Walkable, valid: Tensor | None, steps: Tensor) -> dict[str, Tensor]:
     """Scalar device tensors for one layer/direction, from the trajectory at ``steps``."""
     samples = rec.trajectory(steps)
     mask = None if valid is None else valid[steps]
@@ -113,12 +114,12 @@ def trajectory_causes(rec: Recurrence, valid: Tensor | None, steps: Tensor) -> d
     return out
 
 
-def weight_causes(rec: Recurrence, key: Tensor | None = None) -> dict[str, Tensor]:
+def weight_causes(rec: Walkable, key: Tensor | None = None) -> dict[str, Tensor]:
     """Spectral norm and radius of the recurrent weight of one layer/direction; ``key`` (the
     module's own parameter) keys the warm start of the power iterations."""
     norm = spectral_norm(rec.recurrent_matrix(), key)
     radius = spectral_radius(rec.candidate_block(), key)
-    bound = norm if rec.gates == 1 else torch.full_like(norm, math.nan)  # gamma = 1
+    bound = norm if not rec.gated else torch.full_like(norm, math.nan)  # gamma = 1
     out = {"weight_norm": norm, "weight_radius": radius, "pascanu_bound": bound}
     forget = rec.forget_bias()
     if forget is not None:

@@ -14,10 +14,16 @@ import torch
 from torch import Tensor
 
 from gradwatch._analysis.quantities.causes import sampled_steps, trajectory_causes, weight_causes
-from gradwatch._analysis.quantities.propagation import actual_gain, propagate
-from gradwatch._capture.recurrences import Recurrence
+from gradwatch._analysis.quantities.propagation import HORIZON_LEVEL, actual_gain, propagate
+from gradwatch._capture.raw import Walkable
 
-__all__ = ["QuantityOptions", "fused_quantities", "stepwise_quantities", "to_host"]
+__all__ = [
+    "QuantityOptions",
+    "estimated_from_actual",
+    "fused_quantities",
+    "stepwise_quantities",
+    "to_host",
+]
 
 
 @dataclass(frozen=True)
@@ -58,14 +64,14 @@ def _grid(
 
 
 def fused_quantities(
-    recurrences: dict[tuple[int, int], Recurrence],
+    recurrences: dict[tuple[int, int], Walkable],
     valid: Tensor | None,
     lengths: Tensor,
     stats: dict[str, Tensor],
     keys: dict[tuple[int, int], Tensor],
     options: QuantityOptions = QuantityOptions(),
 ) -> dict[str, Tensor]:
-    """Propagation, summary numbers and causes of every layer/direction of a replayed call.
+    """Propagation, summary numbers and causes of every layer/direction of a recorded call.
 
     ``stats`` are the per-step statistics (device ``[L, D, T]``) of the capture, ``keys`` the
     module's recurrent weight parameters (warm-start keys for the power iterations).
@@ -87,15 +93,7 @@ def fused_quantities(
         carried = stats["carried"][layer, d]
         values = {"actual_gain": actual_gain(carried, state_total[layer, d], rec.reverse)}
         if options.propagation and steps:
-            sizes = (
-                (rec.w.w_hh.shape[1],)
-                if not rec.has_cell
-                else (
-                    rec.w.w_hh.shape[1] if rec.w.w_hr is None else rec.w.w_hr.shape[0],
-                    rec.hidden_size,
-                )
-            )
-            prop = propagate(rec, valid, lengths, sizes)
+            prop = propagate(rec, valid, lengths, rec.state_sizes)
             values.update(
                 gain=prop.gain,
                 horizon=prop.horizon,
@@ -114,10 +112,24 @@ def fused_quantities(
 
 
 def stepwise_quantities(stats: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Quantities of a sequence measured by hooks (cells, marked states), where no step
-    Jacobian is available: the loss-weighted per-step factor only (device tensors [1, 1])."""
+    """Quantities of a sequence measured by hooks where no step Jacobian is available
+    (marked states): the loss-weighted per-step factor only (device tensors [1, 1])."""
     state_total = stats["total"][0, 0]
     if stats.get("cell_total") is not None:
         state_total = torch.hypot(state_total, stats["cell_total"][0, 0])
     value = actual_gain(stats["carried"][0, 0], state_total, reverse=False)
     return {"actual_gain": value.view(1, 1)}
+
+
+def estimated_from_actual(q: dict[str, Tensor], seq_len: int) -> dict[str, Tensor]:
+    """Without a step Jacobian (hooks on an unknown recurrence): gain and horizon estimated
+    from the actual gradient's per-step factor (``carried[t] / total[t+1]``), host tensors."""
+    g = q["actual_gain"].double()
+    log_g = g.log()
+    horizon = torch.where(log_g < 0, math.log(HORIZON_LEVEL) / log_g, math.inf)
+    return {
+        "gain": g.float(),
+        "horizon": horizon.float(),
+        "efold": (1 / log_g.abs()).float(),
+        "log10_attenuation": (log_g * max(seq_len - 1, 0) / math.log(10)).float(),
+    }

@@ -2,7 +2,7 @@
 
 A unit cotangent is injected on the full recurrent state (``h``, and ``c`` for LSTM) at each
 sequence's last step and carried back through the recurrence only, step by step, with the
-replayed trajectory's own step Jacobians (`Recurrence.step_back`). The vector is
+recorded trajectory's own step Jacobians (`Walkable.step_back`). The vector is
 renormalised at every step and the logarithms of the norms are accumulated, as the QR
 (Benettin) method for Lyapunov exponents does with one direction: the attenuation stays
 exact far below the float range (gain 0.3 over 500 steps is ~1e-261).
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradwatch._capture.recurrences import Recurrence
+from gradwatch._capture.raw import Walkable
 
 __all__ = ["Propagation", "actual_gain", "propagate", "summarise"]
 
@@ -49,7 +49,7 @@ class Propagation:
     log_attenuation: Tensor  # [] mean over samples of log a over the whole sequence
 
 
-def _walk(rec: Recurrence, valid: Tensor | None, last: Tensor, probe: list[Tensor]) -> Tensor:
+def _walk(rec: Walkable, valid: Tensor | None, last: Tensor, probe: list[Tensor]) -> Tensor:
     """log ||v|| at every state ``h_t`` (``[T, B]``), the probe injected where ``last``."""
     if valid is None:
         return _walk_full(rec, probe)
@@ -77,7 +77,7 @@ def _walk(rec: Recurrence, valid: Tensor | None, last: Tensor, probe: list[Tenso
     return logs
 
 
-def _walk_full(rec: Recurrence, probe: list[Tensor]) -> Tensor:
+def _walk_full(rec: Walkable, probe: list[Tensor]) -> Tensor:
     """`_walk` when every sequence covers every step: all probes start at the first
     visited step, so no masking is needed; the per-step log norms are summed afterwards."""
     steps = rec.steps
@@ -100,7 +100,7 @@ def _walk_full(rec: Recurrence, probe: list[Tensor]) -> Tensor:
 
 
 def propagate(
-    rec: Recurrence, valid: Tensor | None, lengths: Tensor, state_sizes: tuple[int, ...]
+    rec: Walkable, valid: Tensor | None, lengths: Tensor, state_sizes: tuple[int, ...]
 ) -> Propagation:
     """Propagation curve and summary numbers of one replayed layer/direction.
 
@@ -108,7 +108,7 @@ def propagate(
     lengths, ``state_sizes`` the widths of the state parts (``(P,)``, or ``(P, H)`` for LSTM).
     """
     steps = rec.steps
-    device, dtype = rec.w.w_hh.device, rec.w.w_hh.dtype
+    device, dtype = rec.weight.device, rec.weight.dtype
     batch = lengths.numel()
     lengths = lengths.to(device)
     time = torch.arange(steps, device=device).unsqueeze(1)

@@ -1,0 +1,155 @@
+"""Family: fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` calls, measured by replaying them.
+
+A forward hook keeps references to each call's tensors and hooks its outputs; after backward
+the recurrence is replayed with the observed output gradients (`gradwatch._capture.fused`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch._capture.families import Family, register
+from gradwatch._capture.fused import (
+    EXACT_TOLERANCE,
+    FusedCall,
+    check_fused_module,
+    output_tensors,
+    record_fused_call,
+    replay,
+)
+from gradwatch._capture.raw import RawCapture, Recurrences
+
+if TYPE_CHECKING:
+    from gradwatch._capture.recorder import Recorder
+
+__all__ = ["FUSED", "FusedFamily", "capture_call"]
+
+
+def _weight_keys(mod: nn.RNNBase) -> dict[tuple[int, int], Tensor]:
+    """The module's own recurrent weight parameters by (layer, direction)."""
+    keys = {}
+    for layer in range(mod.num_layers):
+        for d in range(2 if mod.bidirectional else 1):
+            w = getattr(mod, f"weight_hh_l{layer}" + ("_reverse" if d else ""), None)
+            if isinstance(w, Tensor):
+                keys[layer, d] = w
+    return keys
+
+
+def capture_call(call: FusedCall) -> RawCapture:
+    """Replay one recorded call: its per-step statistics and the replayed recurrence."""
+    rep = replay(call)
+    mod = call.module
+    reasons = []
+    if call.dropout_active:
+        reasons.append(
+            f"inter-layer dropout (p={mod.dropout}) in training mode: the kernel's dropout masks "
+            "are not visible, so layers below the top are replayed without dropout"
+        )
+    tolerance = None
+    if call.h_n.dtype not in EXACT_TOLERANCE:
+        reasons.append(
+            f"the module computed in {call.h_n.dtype} (autocast?); replayed in {rep.dtype}"
+        )
+    elif not call.dropout_active:
+        tolerance = EXACT_TOLERANCE[rep.dtype]
+    steps = rep.stats["total"].shape[-1]
+    num_dir = 2 if mod.bidirectional else 1
+    return RawCapture(
+        name=call.name,
+        module_name=call.module_name,
+        kind=mod.mode,
+        num_layers=mod.num_layers,
+        num_directions=num_dir,
+        stats=rep.stats,
+        valid_samples=(rep.lengths.view(1, -1) > torch.arange(steps).view(steps, 1)).sum(1),
+        reverse=(False, True)[:num_dir],
+        source="replay",
+        received_gradient=bool(call.grads),
+        fidelity=rep.fidelity,
+        fidelity_tolerance=tolerance,
+        reasons=tuple(reasons),
+        recurrences=Recurrences(dict(rep.recurrences), rep.valid, rep.lengths, _weight_keys(mod)),
+    )
+
+
+class FusedFamily(Family):
+    name = "fused"
+    looks_for = "nn.RNN, nn.LSTM, nn.GRU"
+    failure = "replay failed"
+
+    def claims(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.RNNBase)
+
+    def check(self, name: str, module: nn.Module) -> str | None:
+        try:
+            check_fused_module(name, module)  # type: ignore[arg-type]
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def hook(self, recorder: Recorder, name: str, module: nn.Module) -> list[RemovableHandle]:
+        on_call = partial(self._on_call, recorder, name)
+        return [module.register_forward_hook(on_call, with_kwargs=True)]
+
+    def capture(self, record: FusedCall) -> RawCapture:
+        return capture_call(record)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _on_call(self, recorder: Recorder, name: str, module: nn.Module, args, kwargs, output):
+        if not recorder.watching(name):
+            return
+        if not recorder.retaining:  # only the injected norm, for the cheap signals
+            try:
+                for tensor in output_tensors(output).values():
+                    tensor.register_hook(partial(self._on_light_grad, recorder, name))
+            except Exception as e:  # monitoring must never crash training
+                recorder.fail(name, f"could not hook the outputs: {e!r}", keep_first=True)
+            return
+        try:
+            call = record_fused_call("", name, module, args, kwargs, output)  # type: ignore[arg-type]
+            if call is None:
+                return
+            call.name = recorder.new_name(name)
+            for slot, tensor in output_tensors(output).items():
+                hook = partial(self._on_grad, recorder, call, slot)
+                call.handles.append(tensor.register_hook(hook))
+            recorder.add(call, self)
+        except Exception as e:  # monitoring must never crash training
+            recorder.fail(name, f"could not record the call: {e!r}")
+
+    @staticmethod
+    def _on_light_grad(recorder: Recorder, name: str, grad: Tensor | None) -> None:
+        if grad is None:
+            return
+        try:
+            recorder.add_injected(name, grad)
+        except Exception as e:  # monitoring must never crash training
+            recorder.fail(name, f"could not measure a gradient: {e!r}", keep_first=True)
+
+    @staticmethod
+    def _on_grad(recorder: Recorder, call: FusedCall, slot: str, grad: Any) -> None:
+        if grad is None:  # an unused output of a multi-output node
+            return
+        grad = grad.detach()
+        try:
+            recorder.add_injected(call.module_name, grad)
+        except Exception as e:  # monitoring must never crash training
+            recorder.fail(call.module_name, f"could not measure a gradient: {e!r}", keep_first=True)
+        try:
+            # Per window (every step on the CPU) kept by reference, not copied: autograd never
+            # writes into a gradient someone else still holds, and the replay only reads it.
+            kept = grad if recorder.windowed else grad.clone()
+            old = call.grads.get(slot)
+            call.grads[slot] = kept if old is None else old + kept
+            recorder.gradient_arrived(call)
+        except Exception as e:  # monitoring must never crash training
+            recorder.fail(call.name, f"could not record a gradient: {e!r}")
+
+
+FUSED = register(FusedFamily())

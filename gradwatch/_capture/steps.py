@@ -1,0 +1,228 @@
+"""Exact per-step gradients for recurrences unrolled by user code: cell loops and marked states.
+
+Here every step's state is a real tensor in the autograd graph, so hooks give the exact
+values directly: a tensor hook on the state gives the total (`hook_step`), and post-hooks on
+the autograd nodes of the next step that read the state give the carried part
+(`hook_carried`); the direct part is their difference. The state itself is passed on
+untouched: an identity view in between would change the order in which autograd sums the
+gradient contributions, and with it the last bits of the parameter gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch._capture.stats import sample_norms
+
+__all__ = ["Step", "StepSequence", "consumes", "hook_carried", "hook_step", "step_stats"]
+
+
+@dataclass
+class Step:
+    """One step of a step-wise recurrence: what its hooks saw."""
+
+    total_h: Tensor | None = None  # gradient at the step's hidden state (all consumers)
+    total_c: Tensor | None = None  # LSTMCell: gradient at c_t from outside the cell call
+    carried: list[Tensor | None] = field(default_factory=list)  # from the next step's nodes
+    # cells: the step's input, the state it started from and its outputs (detached), for
+    # the path c_t -> h_t of an LSTMCell and for the propagation diagnostics
+    x: Tensor | None = None
+    hx: tuple[Tensor, ...] | None = None
+    h: Tensor | None = None
+    c: Tensor | None = None
+    c_hook_has_h_path: bool = False  # whether the hook on c_t already sees the h_t path
+
+    def add(self, slot: str, grad: Tensor) -> None:
+        """Accumulate a hooked gradient (several backward passes may reach the same step)."""
+        old = getattr(self, slot)
+        setattr(self, slot, grad if old is None else old + grad)
+
+
+@dataclass
+class StepSequence:
+    """The steps of one unrolled sequence (one name in the report)."""
+
+    name: str
+    module_name: str
+    kind: str
+    module: nn.Module | None = None
+    steps: list[Step] = field(default_factory=list)
+    outputs: tuple[Tensor, ...] = ()  # the last step's output tensors, to detect continuation
+    forward_index: int = 0  # which forward pass of the traced model the sequence belongs to
+    on_grad: Callable[[], None] | None = None  # told whenever a hooked gradient arrives
+    handles: list[Any] = field(default_factory=list)
+
+    def hook(self, tensor: Tensor, store: Callable[[Tensor], None]) -> None:
+        """Register a gradient hook that passes the gradient to ``store`` and changes nothing."""
+
+        def fn(grad: Tensor | None) -> None:
+            if grad is None:  # an unused output of a multi-output node
+                return
+            try:
+                store(grad.detach().clone())
+                if self.on_grad is not None:
+                    self.on_grad()
+            except Exception:  # monitoring must never crash training: the step reads zero
+                pass
+
+        self.handles.append(tensor.register_hook(fn))
+
+    def release(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.steps.clear()
+        self.outputs = ()
+        self.module = None
+
+
+def _norms(x: Tensor | None, like: Tensor) -> Tensor:
+    """Per-sample norms of a step gradient; zeros where no gradient arrived."""
+    if x is None:
+        size = like.shape[0] if like.dim() > 1 else 1
+        return torch.zeros(size, dtype=torch.float64, device=like.device)
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return sample_norms(x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1))
+
+
+def consumes(out: Tensor, source: Tensor, depth: int = 4) -> bool:
+    """Whether ``out``'s autograd graph reads ``source`` within ``depth`` nodes.
+
+    ``nn.LSTMCell`` is a composite of autograd ops on some devices (h = o * tanh(c) then
+    reads c, so a hook on c sees the h path) and a single fused node on others (it does not).
+    """
+    target, frontier = source.grad_fn, [out.grad_fn]
+    for _ in range(depth):
+        nxt = []
+        for fn in frontier:
+            if fn is None:
+                continue
+            for child, _ in fn.next_functions:
+                if child is target:
+                    return True
+                nxt.append(child)
+        frontier = nxt
+    return False
+
+
+def hook_step(seq: StepSequence, tensor: Tensor, step: Step, slot: str) -> None:
+    """Record the total gradient reaching a step's state ``tensor`` into ``step.<slot>``."""
+    if tensor.requires_grad:
+        seq.hook(tensor, partial(step.add, slot))
+
+
+def hook_carried(
+    seq: StepSequence,
+    prev: Step,
+    state: tuple[Tensor, ...],
+    bound: int,
+    outputs: tuple[Tensor, ...],
+) -> None:
+    """Hook the autograd nodes of one step that read the state it received.
+
+    The nodes created by the step are those reachable from its ``outputs`` with a sequence
+    number above ``bound`` (every input was made before the step). A post-hook on each node
+    that consumes a state tensor sees that node's gradient for it; their sum is the carried
+    part of the previous step ``prev``. Post-hooks only observe: no value, no order of
+    accumulation changes.
+    """
+    prev.carried = [None] * len(state)
+    targets = {
+        (id(t.grad_fn), t.output_nr): i
+        for i, t in enumerate(state)
+        if t.requires_grad and t.grad_fn is not None
+    }
+    if not targets:
+        return
+    seen: set[int] = set()
+    frontier = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while frontier:
+        node = frontier.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        edges = []
+        for k, (child, nr) in enumerate(node.next_functions):
+            if child is None:
+                continue
+            slot = targets.get((id(child), nr))
+            if slot is not None:
+                edges.append((k, slot))
+            elif child._sequence_nr() > bound and id(child) not in seen:
+                frontier.append(child)
+        if edges:
+            seq.handles.append(node.register_hook(partial(_on_carried, seq, prev, edges)))
+
+
+def graph_bound(tensors: tuple[Tensor, ...]) -> int:
+    """The highest autograd sequence number among ``tensors``' nodes (-1 for none): every
+    node a later step creates has a higher one."""
+    return max((t.grad_fn._sequence_nr() for t in tensors if t.grad_fn), default=-1)
+
+
+def _on_carried(seq: StepSequence, prev: Step, edges, grad_inputs, grad_outputs) -> None:
+    try:
+        for k, slot in edges:
+            g = grad_inputs[k]
+            if g is not None:
+                g = g.detach().clone()
+                old = prev.carried[slot]
+                prev.carried[slot] = g if old is None else old + g
+        if seq.on_grad is not None:
+            seq.on_grad()
+    except Exception:  # monitoring must never crash training: the step reads zero
+        pass
+
+
+def step_stats(
+    seq: StepSequence, cell_path: Callable[[Step, Tensor], Tensor] | None = None
+) -> tuple[dict[str, Tensor], Tensor, bool]:
+    """The hooked per-step gradients of one sequence reduced to ``[1, 1, T]`` statistics.
+
+    Returns ``(stats, valid_samples, received_gradient)``: ``stats`` on the gradients'
+    device (``cell_total`` only with ``cell_path``, which gives the gradient reaching c_t
+    through h_t inside the same step where the hook on c_t does not see it).
+    """
+    T = len(seq.steps)
+    first = next((s.x for s in seq.steps if s.x is not None), None)
+    columns: dict[str, list[Tensor]] = {"total": [], "carried": [], "direct": [], "cell_total": []}
+    batch = torch.zeros(T, dtype=torch.int64)
+    received = False
+    for t, st in enumerate(seq.steps):
+        like = st.c if st.c is not None else (st.x if st.x is not None else first)
+        like = like if like is not None else torch.zeros(1)
+        carried_h = st.carried[0] if st.carried else None
+        total_h = st.total_h
+        direct_h = (
+            None if total_h is None else (total_h if carried_h is None else total_h - carried_h)
+        )
+        received = received or total_h is not None
+        n_total = _norms(total_h, like)
+        batch[t] = n_total.shape[0]
+        columns["total"].append(n_total.mean())
+        columns["direct"].append(_norms(direct_h, like).mean())
+        n_carried = _norms(carried_h, like)
+        for extra in st.carried[1:]:
+            n_carried = torch.hypot(n_carried, _norms(extra, like))
+        columns["carried"].append(n_carried.mean())
+        if cell_path is not None:
+            dc = st.total_c
+            if total_h is not None and not st.c_hook_has_h_path:
+                via_h = cell_path(st, total_h)
+                dc = via_h if dc is None else dc.to(via_h.dtype) + via_h
+            columns["cell_total"].append(_norms(dc, like).mean())
+    device = first.device if first is not None else torch.device("cpu")
+    stats = {
+        k: (torch.stack([v.to(device) for v in col]) if col else torch.zeros(T, device=device))
+        .float()
+        .view(1, 1, T)
+        for k, col in columns.items()
+        if k != "cell_total" or cell_path is not None
+    }
+    return stats, batch, received
