@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from gradwatch._base.errors import CaptureError
-from gradwatch._base.vocabulary import VERDICTS
+from gradwatch._base.vocabulary import VERDICTS, Verdict
 
 __all__ = [
     "VERDICTS",
@@ -76,11 +76,19 @@ class NonfiniteLocation:
 
 @dataclass(frozen=True)
 class Explanation:
-    """The verdict of one module call with its dominant cause, in plain words.
+    """The verdict of one module call with its dominant cause, as data and in plain words.
 
-    ``cause`` is a stable key (e.g. ``"small_recurrent_weight"``, ``"saturated_activation"``,
-    ``"forget_gate"``, ``"large_recurrent_weight"``, ``"nonfinite"``, ``"none"``) for code;
-    ``text`` is the sentence for people; ``remedies`` are concrete things to try.
+    Attributes:
+        verdict: The verdict explained.
+        cause: A stable key (`gradwatch._base.vocabulary.Cause`: ``"small_recurrent_weight"``,
+            ``"saturated_activation"``, ``"forget_gate"``, ``"large_recurrent_weight"``,
+            ``"nonfinite"``, ``"none"``, ...) for code.
+        text: The whole sentence for people: place, measurements and cause.
+        layer: Where the verdict was measured (``None``: nowhere in particular).
+        direction: Where the verdict was measured.
+        remedies: Concrete things to try, from the one remedies table, for the module's kind.
+        reason: The cause alone, in words (empty where there is none).
+        values: The numbers the reason states, by name (``"forget_gate"``, ``"weight_norm"``...).
     """
 
     verdict: str
@@ -89,6 +97,8 @@ class Explanation:
     layer: int | None = None
     direction: int | None = None
     remedies: tuple[str, ...] = ()
+    reason: str = ""
+    values: Mapping[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.text
@@ -138,7 +148,7 @@ class ModuleReport:
         actual_gain: ``[L, D]`` loss-weighted view: geometric mean over steps of
             ``carried[t] / total[t+1]`` (the actual gradient's per-step factor).
         causes: The ingredients of the per-step factor, see `Causes`.
-        verdicts: ``[L][D]`` verdict strings (see `VERDICTS`).
+        verdicts: ``[L][D]`` verdicts (see `gradwatch._base.vocabulary.Verdict`).
         verdict: The worst of ``verdicts``.
         nonfinite_at: Where the first non-finite gradient appeared in backward order.
         explanation: The verdict's dominant cause, see `Explanation`.
@@ -168,8 +178,8 @@ class ModuleReport:
     log10_attenuation: Tensor | None = None
     actual_gain: Tensor | None = None
     causes: Causes | None = None
-    verdicts: tuple[tuple[str, ...], ...] = ()
-    verdict: str = "healthy"
+    verdicts: tuple[tuple[Verdict, ...], ...] = ()
+    verdict: Verdict = "healthy"
     nonfinite_at: NonfiniteLocation | None = None
     explanation: Explanation | None = None
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 __all__ = [
+    "CAUSES",
     "CELL_KINDS",
     "FUSED_KINDS",
     "GATED_KINDS",
     "GATES",
+    "GRU_KINDS",
     "KINDS",
     "LSTM_KINDS",
     "PROBLEM_VERDICTS",
     "VERDICTS",
+    "Cause",
     "Gate",
     "Kind",
     "Verdict",
@@ -37,9 +40,23 @@ CELL_KINDS: tuple[CellKind, ...] = get_args(CellKind)
 KINDS: tuple[str, ...] = (*FUSED_KINDS, *CELL_KINDS, "custom")
 GATED_KINDS = frozenset({"LSTM", "GRU", "LSTMCell", "GRUCell"})
 LSTM_KINDS = frozenset({"LSTM", "LSTMCell"})
+GRU_KINDS = frozenset({"GRU", "GRUCell"})
 
 Gate = Literal["input", "forget", "output", "update", "reset"]
 GATES: tuple[Gate, ...] = get_args(Gate)
+
+# The dominant cause an explanation names (``Explanation.cause``); "none" when healthy.
+Cause = Literal[
+    "small_recurrent_weight",
+    "saturated_activation",
+    "activation_derivative",
+    "forget_gate",
+    "update_gate",
+    "large_recurrent_weight",
+    "nonfinite",
+    "none",
+]
+CAUSES: tuple[Cause, ...] = get_args(Cause)
 
 
 def worst(verdicts: tuple[str, ...] | list[str]) -> Verdict:

@@ -12,7 +12,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from gradwatch._analysis.report import VERDICTS, Explanation, ModuleReport
+from gradwatch._analysis.report import Explanation, ModuleReport
+from gradwatch._analysis.verdicts.remedies import REMEDIES, topic_of
+from gradwatch._base.vocabulary import VERDICTS
 from gradwatch._outputs.scalars import profile_stats
 
 __all__ = [
@@ -25,114 +27,28 @@ __all__ = [
 
 logger = logging.getLogger("gradwatch")
 
-_GATED = frozenset({"LSTM", "GRU", "LSTMCell", "GRUCell"})
-_LSTM = frozenset({"LSTM", "LSTMCell"})
-_GRU = frozenset({"GRU", "GRUCell"})
-
-_GATED_CELL = (
-    "use a gated cell (nn.LSTM or nn.GRU): its additive state path carries the gradient "
-    "without a repeated multiplication by W_hh and tanh'"
-)
-_ORTHOGONAL = (
-    "initialise the recurrent weight orthogonally (nn.init.orthogonal_ on weight_hh), or as "
-    "the identity for a ReLU RNN (IRNN), so its spectral norm starts at 1"
-)
-_FORGET_BIAS = (
-    "raise the LSTM forget-gate bias to about 1-2 (b_if + b_hf; PyTorch starts near 0), e.g. "
-    "bias_hh_l{k}.data[H:2H].fill_(1.0), so the cell keeps its memory"
-)
-_UPDATE_BIAS = (
-    "bias the GRU update gate towards keeping the state (b_iz + b_hz about +1 to +2) so "
-    "h_t copies h_{t-1} more"
-)
-_CLIP = (
-    "clip gradients by norm (Trainer(gradient_clip_val=1.0) or "
-    "torch.nn.utils.clip_grad_norm_); gradwatch's adaptive clipping picks the threshold"
-)
-_LOWER_LR = "lower the learning rate (or warm it up) so the recurrent weight stops growing"
-_TRUNCATE = "train on shorter truncation windows (truncated BPTT) so fewer factors multiply"
-_SATURATION = (
-    "keep the state nonlinearity out of saturation: scale the inputs down, add layer "
-    "normalisation before the recurrence, lower the learning rate"
-)
-_SPECTRAL = (
-    "keep the recurrent weight's spectral norm near 1 (orthogonal initialisation, "
-    "spectral or weight normalisation)"
-)
-_NONFINITE_INPUT = (
-    "look for inf/NaN in the inputs and the loss (torch.autograd.detect_anomaly for one step)"
-)
-_AMP = "with 16-bit mixed precision keep the GradScaler on, or use bf16-mixed"
-
-# Concrete remedies per dominant cause (Explanation.cause) and, as a fallback, per verdict.
-REMEDIES: dict[str, tuple[str, ...]] = {
-    "small_recurrent_weight": (_ORTHOGONAL, _GATED_CELL, _FORGET_BIAS),
-    "saturated_activation": (_SATURATION, _GATED_CELL, _ORTHOGONAL),
-    "forget_gate": (_FORGET_BIAS, _ORTHOGONAL),
-    "update_gate": (_UPDATE_BIAS, _ORTHOGONAL),
-    "large_recurrent_weight": (_CLIP, _SPECTRAL, _LOWER_LR, _TRUNCATE),
-    "nonfinite": (_CLIP, _LOWER_LR, _NONFINITE_INPUT, _AMP),
-    "vanishing": (_GATED_CELL, _FORGET_BIAS, _UPDATE_BIAS, _ORTHOGONAL),
-    "exploding": (_CLIP, _SPECTRAL, _LOWER_LR, _TRUNCATE),
-}
-
 _MAX_REMEDIES = 4
 
 
 def remedies_for(m: ModuleReport, verdict: str | None = None) -> list[str]:
-    """Up to four remedies: the explanation's own first, then ours by cause and by verdict.
-
-    Ours only fill topics the explanation did not cover (clipping, initialisation, ...), and
-    suggestions that do not apply to the module's kind are dropped (no "use a gated cell"
-    for an LSTM, no forget-gate bias for a GRU).
+    """Up to four remedies: the explanation's own first, then the table's by cause and by
+    verdict (`gradwatch._analysis.verdicts.REMEDIES`, one topic each, only those that apply to
+    the module's kind).
     """
     verdict = verdict or m.verdict
     exp = _explanation(m, verdict)
-    own = [r for r in (exp.remedies if exp is not None else ()) if _applies(r, m.kind)]
-    out = list(dict.fromkeys(own))
-    topics = {_topic(r) for r in out}
-    by_cause = REMEDIES.get(exp.cause, ()) if exp is not None else ()
-    for text in [*by_cause, *REMEDIES.get(verdict, ())]:
+    own = list(dict.fromkeys(exp.remedies if exp is not None else ()))
+    out = list(own)
+    topics = {topic_of(r) for r in out}
+    keys = ([exp.cause] if exp is not None else []) + [verdict]
+    for remedy in (r for key in keys for r in REMEDIES.get(key, ())):
         if len(out) >= _MAX_REMEDIES:
             break
-        if _topic(text) in topics or not _applies(text, m.kind):
+        if remedy.topic in topics or not remedy.applies(m.kind):
             continue
-        out.append(text)
-        topics.add(_topic(text))
+        out.append(remedy.text)
+        topics.add(remedy.topic)
     return out[: max(_MAX_REMEDIES, len(own))]
-
-
-# What a remedy is about, by keyword, so ours do not repeat the explanation's.
-_TOPICS = (
-    ("gated cell", "gated"),
-    ("forget", "forget"),
-    ("update gate", "update"),
-    ("clip", "clip"),
-    ("learning rate", "lr"),
-    ("truncat", "truncation"),
-    ("saturat", "saturation"),
-    ("orthogonal", "init"),
-    ("identity", "init"),
-    ("spectral", "init"),
-    ("inf/nan", "nan"),
-    ("gradscaler", "amp"),
-)
-
-
-def _topic(text: str) -> str:
-    low = text.lower()
-    return next((topic for key, topic in _TOPICS if key in low), low)
-
-
-def _applies(text: str, kind: str) -> bool:
-    low = text.lower()
-    if "gated cell" in low:
-        return kind not in _GATED
-    if "forget" in low:
-        return kind in _LSTM or kind == "custom"
-    if "update gate" in low:
-        return kind in _GRU or kind == "custom"
-    return True
 
 
 def change_message(
@@ -290,12 +206,12 @@ def _explanation(m: ModuleReport, verdict: str) -> Explanation | None:
 
 
 def _cause_text(m: ModuleReport, verdict: str) -> str:
-    """The explanation's reason, without the measurements the message already states."""
+    """The explanation's reason, without the measurements the message already states (its
+    whole text for an explanation made without a reason)."""
     exp = _explanation(m, verdict)
-    if exp is None or not exp.text or exp.cause in ("nonfinite", "none"):
+    if exp is None or exp.cause in ("nonfinite", "none"):
         return ""
-    _, sep, reason = exp.text.partition("Dominant cause:")
-    return reason.strip() if sep else exp.text
+    return f"{exp.reason}." if exp.reason else exp.text
 
 
 def _where(m: ModuleReport, verdict: str) -> tuple[int | None, int | None]:

@@ -24,7 +24,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from gradwatch._analysis.report import VERDICTS, ModuleReport, Report
+from gradwatch._analysis.report import ModuleReport, Report
+from gradwatch._base.vocabulary import GATED_KINDS, VERDICTS
 from gradwatch._clipping.clipper import ClipEvent
 
 __all__ = [
@@ -72,7 +73,6 @@ LAYER_METRICS = (
 MODULE_METRICS = ("verdict", "seq_len", "fidelity", "nonfinite_timestep", "param_grad_norm")
 CLIP_METRICS = ("pre_norm", "threshold", "coefficient", "clipped")
 
-_GATED = frozenset({"LSTM", "GRU", "LSTMCell", "GRUCell"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
 
 
@@ -165,7 +165,7 @@ def module_scalars(m: ModuleReport, *, prefix: str = PREFIX) -> dict[str, float]
     if c is not None:
         per_ld["weight_norm"] = c.weight_norm
         per_ld["weight_radius"] = c.weight_radius
-        if m.kind not in _GATED:  # the bound is NaN by definition for gated cells
+        if m.kind not in GATED_KINDS:  # the bound is NaN by definition for gated cells
             per_ld["pascanu_bound"] = c.pascanu_bound
         per_ld["act_derivative"] = c.act_derivative
         per_ld["saturation"] = c.saturation

@@ -7,15 +7,11 @@ import math
 import torch
 from torch import Tensor
 
-from gradwatch._analysis.report import VERDICTS, NonfiniteLocation
+from gradwatch._analysis.report import NonfiniteLocation
 from gradwatch._analysis.verdicts.thresholds import Thresholds
+from gradwatch._base.vocabulary import Verdict
 
-__all__ = ["classify", "first_nonfinite", "worst"]
-
-
-def worst(verdicts: list[str] | tuple[str, ...]) -> str:
-    """The most severe verdict (order of `VERDICTS`)."""
-    return max(verdicts, key=VERDICTS.index, default="healthy")
+__all__ = ["classify", "first_nonfinite"]
 
 
 def classify(
@@ -25,7 +21,7 @@ def classify(
     nonfinite: bool,
     thresholds: Thresholds,
     previous: str = "healthy",
-) -> str:
+) -> Verdict:
     """``"healthy" | "vanishing" | "exploding" | "nonfinite"`` for one layer/direction.
 
     ``horizon`` is in steps, ``log10_growth`` the log10 attenuation over the whole sequence,

@@ -8,9 +8,10 @@ import math
 from torch import Tensor
 
 from gradwatch._analysis.report import ModuleReport, covered_length
-from gradwatch._analysis.verdicts.classify import classify, first_nonfinite, worst
+from gradwatch._analysis.verdicts.classify import classify, first_nonfinite
 from gradwatch._analysis.verdicts.explain import explain
 from gradwatch._analysis.verdicts.thresholds import Thresholds
+from gradwatch._base.vocabulary import worst
 
 __all__ = ["diagnose"]
 

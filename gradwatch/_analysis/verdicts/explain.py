@@ -11,44 +11,10 @@ from __future__ import annotations
 import math
 
 from gradwatch._analysis.report import Causes, Explanation, ModuleReport, NonfiniteLocation
+from gradwatch._analysis.verdicts.remedies import remedies_for_key
+from gradwatch._base.vocabulary import GRU_KINDS, LSTM_KINDS, Cause
 
-__all__ = ["REMEDIES", "explain"]
-
-REMEDIES: dict[str, tuple[str, ...]] = {
-    "small_recurrent_weight": (
-        "initialise W_hh orthogonally (torch.nn.init.orthogonal_) or as the identity",
-        "use a gated cell (nn.LSTM / nn.GRU) instead of a plain RNN",
-        "shorten the sequence or the truncation window (truncated BPTT)",
-    ),
-    "saturated_activation": (
-        "normalise the inputs or scale down W_ih so the tanh units leave saturation",
-        "use a smaller initialisation of W_hh or add layer normalisation",
-        "use a gated cell (nn.LSTM / nn.GRU)",
-    ),
-    "activation_derivative": (
-        "use a gated cell (nn.LSTM / nn.GRU)",
-        "initialise W_hh orthogonally or as the identity",
-    ),
-    "forget_gate": (
-        "raise the forget-gate bias to 1-2 (b_if + b_hf), or use chrono initialisation",
-        "shorten the sequence or the truncation window (truncated BPTT)",
-    ),
-    "update_gate": (
-        "bias the update gate toward keeping the state (raise b_iz + b_hz)",
-        "shorten the sequence or the truncation window (truncated BPTT)",
-    ),
-    "large_recurrent_weight": (
-        "clip gradients (GradWatch(clip='norm') or a fixed max norm)",
-        "lower the learning rate",
-        "initialise W_hh with spectral radius <= 1 (orthogonal, scaled identity)",
-        "use a gated cell (nn.LSTM / nn.GRU)",
-    ),
-    "nonfinite": (
-        "clip gradients and lower the learning rate",
-        "check the inputs and the loss for inf/NaN",
-        "under fp16 AMP, keep the GradScaler enabled",
-    ),
-}
+__all__ = ["explain"]
 
 
 def _at(causes: Causes | None, field: str, layer: int, d: int) -> float:
@@ -79,7 +45,8 @@ def explain(
             f"{place}."
         )
         loc = (nonfinite_at.layer, nonfinite_at.direction) if nonfinite_at else (None, None)
-        return Explanation(verdict, "nonfinite", text, *loc, REMEDIES["nonfinite"])
+        remedies = remedies_for_key("nonfinite", report.kind)
+        return Explanation(verdict, "nonfinite", text, *loc, remedies)
     if where is None or report.gain is None:
         return Explanation(verdict, "none", f"{name}: {verdict}.")
     layer, d = where
@@ -96,61 +63,76 @@ def explain(
     if verdict == "healthy":
         text = f"{name} {where_txt}: healthy: {measured}."
         return Explanation(verdict, "none", text, layer, d)
-    cause, reason = _cause(report, verdict, layer, d)
+    cause, reason, values = _cause(report, verdict, layer, d)
     text = f"{name} {where_txt}: {verdict} gradients: {measured}. Dominant cause: {reason}."
-    remedies = REMEDIES.get(cause, ())
-    if report.kind not in ("RNN_TANH", "RNN_RELU", "RNNCell", "custom"):  # already gated
-        remedies = tuple(r for r in remedies if "gated cell" not in r)
-    return Explanation(verdict, cause, text, layer, d, remedies)
+    remedies = remedies_for_key(cause, report.kind)
+    return Explanation(verdict, cause, text, layer, d, remedies, reason, values)
 
 
-def _cause(report: ModuleReport, verdict: str, layer: int, d: int) -> tuple[str, str]:
+def _cause(
+    report: ModuleReport, verdict: str, layer: int, d: int
+) -> tuple[Cause, str, dict[str, float]]:
+    """The dominant cause, its sentence, and the numbers the sentence states."""
     c = report.causes
     norm = _at(c, "weight_norm", layer, d)
     radius = _at(c, "weight_radius", layer, d)
     deriv = _at(c, "act_derivative", layer, d)
     sat = _at(c, "saturation", layer, d)
     kind = report.kind
-    if kind in ("LSTM", "LSTMCell") and verdict == "vanishing":
+    if kind in LSTM_KINDS and verdict == "vanishing":
         f = _gate(c, "forget", layer, d)
         bias = _at(c, "forget_bias", layer, d)
-        return "forget_gate", (
+        return (
+            "forget_gate",
             f"the forget gate averages {f:.2f} (effective bias b_if + b_hf = {bias:.2f}), so "
-            f"the cell state keeps only {100 * f:.0f}% of its gradient per step"
+            f"the cell state keeps only {100 * f:.0f}% of its gradient per step",
+            {"forget_gate": f, "forget_bias": bias},
         )
-    if kind in ("GRU", "GRUCell") and verdict == "vanishing":
+    if kind in GRU_KINDS and verdict == "vanishing":
         z = _gate(c, "update", layer, d)
-        return "update_gate", (
+        return (
+            "update_gate",
             f"the update gate averages {z:.2f}, so the state passes on only {100 * z:.0f}% "
-            "of its gradient per step directly; the rest goes through the candidate"
+            "of its gradient per step directly; the rest goes through the candidate",
+            {"update_gate": z},
         )
-    relu = kind in ("RNN_RELU",)
-    act = "ReLU" if relu else "tanh"
+    act = "ReLU" if kind == "RNN_RELU" else "tanh"
+    weights = {"weight_norm": norm, "weight_radius": radius, "act_derivative": deriv}
     if verdict == "exploding":
-        return "large_recurrent_weight", (
+        return (
+            "large_recurrent_weight",
             f"the recurrent weight is large: spectral radius {radius:.3g}, ||W_hh||_2 = "
             f"{norm:.3g}, and the {act} units pass the gradient on (mean derivative "
-            f"{deriv:.2f}), so each step multiplies it by more than 1"
+            f"{deriv:.2f}), so each step multiplies it by more than 1",
+            weights,
         )
     # vanishing, simple RNN: split log(gain) into weight and activation terms
     if norm < 1:
-        return "small_recurrent_weight", (
+        return (
+            "small_recurrent_weight",
             f"||W_hh||_2 = {norm:.3g} < 1, so no step can do anything but shrink the gradient "
-            "(Pascanu bound)"
+            "(Pascanu bound)",
+            {"weight_norm": norm},
         )
     weight_term = math.log(radius) if radius > 0 else -math.inf
     act_term = math.log(deriv) if deriv > 0 else -math.inf
     if act_term < weight_term:
-        if not relu and sat > 0.2:
-            return "saturated_activation", (
+        if act != "ReLU" and sat > 0.2:
+            return (
+                "saturated_activation",
                 f"{100 * sat:.0f}% of the tanh units are saturated (mean derivative "
-                f"{deriv:.2f}), which cuts the gradient at each step"
+                f"{deriv:.2f}), which cuts the gradient at each step",
+                {"saturation": sat, "act_derivative": deriv},
             )
-        return "activation_derivative", (
+        return (
+            "activation_derivative",
             f"the mean {act} derivative is {deriv:.2f}; with a spectral radius of {radius:.3g} "
-            "the product per step stays below 1"
+            "the product per step stays below 1",
+            {"act_derivative": deriv, "weight_radius": radius},
         )
-    return "small_recurrent_weight", (
+    return (
+        "small_recurrent_weight",
         f"the recurrent weight's spectral radius is {radius:.3g} (mean {act} derivative "
-        f"{deriv:.2f}): the repeated factor is below 1"
+        f"{deriv:.2f}): the repeated factor is below 1",
+        {"weight_radius": radius, "act_derivative": deriv},
     )

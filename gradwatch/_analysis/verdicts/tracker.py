@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradwatch._analysis.report import ModuleReport, Report
-from gradwatch._analysis.verdicts.classify import classify, worst
+from gradwatch._analysis.verdicts.classify import classify
 from gradwatch._analysis.verdicts.thresholds import Thresholds
+from gradwatch._base.vocabulary import worst
 
 __all__ = ["VerdictChange", "VerdictTracker"]
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch._base.vocabulary import LSTM_KINDS, VERDICTS
+
 __all__ = [
     "PLUGIN_NAME",
     "PROFILE_METRIC",
@@ -46,8 +48,7 @@ VERSION = 1
 
 PER_STEP_ROWS = ("total", "carried", "direct", "propagation")
 PER_LAYER_ROWS = ("horizon", "gain", "verdict")
-VERDICT_NAMES = ("healthy", "vanishing", "exploding", "nonfinite")
-_CELL_KINDS = ("LSTM", "LSTMCell")
+VERDICT_NAMES = VERDICTS  # the verdicts by code: 0 healthy ... 3 nonfinite
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Header:
 
 def profile_rows(kind: str) -> tuple[str, ...]:
     """Row names for a module kind: ``cell_total`` for LSTM kinds, fixed per call."""
-    cell = ("cell_total",) if kind in _CELL_KINDS else ()
+    cell = ("cell_total",) if kind in LSTM_KINDS else ()
     return PER_STEP_ROWS + cell + PER_LAYER_ROWS
 
 
