@@ -24,8 +24,16 @@ import time
 import torch
 from torch import nn
 
+from gradwatch._analysis import analyze
 from gradwatch._analysis.quantities import QuantityOptions
-from gradwatch._capture.fused import FusedCall, record_fused_call, replay_fused_call
+from gradwatch._capture.families.fused import capture_call
+from gradwatch._capture.fused import FusedCall, record_fused_call
+
+
+def replay_fused_call(call: FusedCall, options: QuantityOptions):
+    """Capture (replay) and analysis of one call, as gradwatch does at a captured step."""
+    return analyze(capture_call(call), options=options)
+
 
 CONFIGS = [
     # (label, module factory, T, batch)

@@ -1,0 +1,232 @@
+"""``nn.LSTM``'s step equations: forward replay and hand-written backward (see `.recurrences`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradwatch._capture.recurrences import (
+    BackwardResult,
+    LayerWeights,
+    Recurrence,
+    _where,
+    _zero_invalid,
+    tanh,
+)
+
+__all__ = ["LSTMRecurrence"]
+
+
+class LSTMRecurrence(Recurrence):
+    """``nn.LSTM``: c' = f*c + i*g, h' = o*tanh(c') (times W_hr with ``proj_size``).
+
+    Gate rows are reordered once from PyTorch's (i, f, g, o) to (o, i, f, g): the sigmoid
+    gates are then one contiguous block in the forward pass, and the gates driven by dc one
+    contiguous block in the backward pass. Per-step backward coefficients are computed for
+    all steps at once after the forward pass, leaving few small operations per step.
+    """
+
+    gates = 4
+    has_cell = True
+
+    def __init__(self, weights: LayerWeights, reverse: bool) -> None:
+        H = weights.w_hh.shape[0] // 4
+        perm = torch.cat([torch.arange(3 * H, 4 * H), torch.arange(0, 3 * H)])
+
+        def rows(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[perm]
+
+        w = weights
+        super().__init__(
+            LayerWeights(rows(w.w_ih), rows(w.w_hh), rows(w.b_ih), rows(w.b_hh), w.w_hr), reverse
+        )
+
+    def forward(self, x, h0, c0, valid, known_out=None):
+        if known_out is not None and valid is None and self.w.w_hr is None:
+            return self._forward_known(x, h0, c0, known_out)
+        xp = self.project_inputs(x)
+        T, B, H = x.shape[0], x.shape[1], self.hidden_size
+        self.steps = T
+        w_hr_t = None if self.w.w_hr is None else self.w.w_hr.t()
+        acts = xp.new_empty(T, B, 4 * H)  # o, i, f (sigmoid) and g (tanh)
+        tanh_c, cells = xp.new_empty(T, B, H), xp.new_empty(T, B, H)
+        outs = xp.new_empty(T, B, h0.shape[-1])
+        h, c = h0, c0
+        xp_t, acts_t, cells_t, tanh_c_t, outs_t = (
+            z.unbind() for z in (xp, acts, cells, tanh_c, outs)
+        )
+        for t in self.order(T):
+            a = self._from_state(h).add_(xp_t[t])
+            at = acts_t[t]
+            torch.sigmoid(a[:, : 3 * H], out=at[:, : 3 * H])
+            tanh(a[:, 3 * H :], out=at[:, 3 * H :])
+            o, i, f, g = at[:, :H], at[:, H : 2 * H], at[:, 2 * H : 3 * H], at[:, 3 * H :]
+            if valid is None:  # write straight into the trajectory buffers
+                c = torch.addcmul(f * c, i, g, out=cells_t[t])
+                tanh(c, out=tanh_c_t[t])
+                if w_hr_t is None:
+                    h = torch.mul(o, tanh_c_t[t], out=outs_t[t])
+                else:
+                    h = torch.mm(o * tanh_c_t[t], w_hr_t, out=outs_t[t])
+                continue
+            c_new = torch.addcmul(f * c, i, g)
+            tanh(c_new, out=tanh_c[t])
+            h_new = o * tanh_c[t]
+            if w_hr_t is not None:
+                h_new = torch.mm(h_new, w_hr_t)
+            h, c = _where(valid, t, h_new, h), _where(valid, t, c_new, c)
+            outs[t], cells[t] = h, c
+        self._coefficients(acts, cells, tanh_c, c0)
+        out = outs if valid is None else outs * valid
+        return out, h, c
+
+    def _coefficients(
+        self, acts: Tensor, cells: Tensor, tanh_c: Tensor, c0: Tensor, c_prev: Tensor | None = None
+    ) -> None:
+        """Per-step backward coefficients for all steps at once (few whole-sequence passes:
+        these are memory-bound, and the replay is cheap only if they stay few)."""
+        H = self.hidden_size
+        o, i, f, g = (
+            acts[..., :H],
+            acts[..., H : 2 * H],
+            acts[..., 2 * H : 3 * H],
+            acts[..., 3 * H :],
+        )
+        self._acts, self._f = acts, f
+        one = acts.new_ones(())
+        self._k_c = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)  # dc += dm * k_c
+        k_o = tanh_c * o
+        self._k_o = torch.addcmul(k_o, k_o, o, value=-1)  # d(pre-activation of o) = dm * k_o
+        k = acts.new_empty(*acts.shape[:-1], 3 * H)
+        k_i, k_f, k_g = k[..., :H], k[..., H : 2 * H], k[..., 2 * H :]
+        torch.addcmul(i, i, i, value=-1, out=k_i).mul_(g)  # g * i * (1 - i)
+        torch.addcmul(f, f, f, value=-1, out=k_f)  # f * (1 - f), times c_(t-1) below
+        # the cell state each step started from: given, or the neighbour in processing order
+        if c_prev is not None:
+            k_f.mul_(c_prev)
+        else:
+            first, rest = (
+                (slice(-1, None), slice(None, -1))
+                if self.reverse
+                else (slice(0, 1), slice(1, None))
+            )
+            k_f[rest].mul_(cells[1:] if self.reverse else cells[:-1])
+            k_f[first].mul_(c0)
+        torch.addcmul(one, g, g, value=-1, out=k_g).mul_(i)  # i * (1 - g^2)
+        self._k_ifg = k
+
+    def from_states(self, x, h_prev, c_prev):
+        H = self.hidden_size
+        self.steps = x.shape[0]
+        acts = self._pre_activations(x, h_prev)
+        acts[..., : 3 * H].sigmoid_()
+        g = acts[..., 3 * H :]
+        tanh(g, out=g)
+        cells = torch.addcmul(acts[..., 2 * H : 3 * H] * c_prev, acts[..., H : 2 * H], g)
+        tanh_c = tanh(cells)
+        self._coefficients(acts, cells, tanh_c, c_prev[0], c_prev=c_prev)
+        return acts[..., :H] * tanh_c
+
+    def _forward_known(self, x: Tensor, h0: Tensor, c0: Tensor, known_out: Tensor):
+        """Every step from the real previous output at once: one large matrix product for
+        all pre-activations and whole-sequence elementwise ops; only the cell-state scan
+        ``c_t = f_t c_(t-1) + i_t g_t`` (one fused op per step) stays sequential."""
+        T, H = x.shape[0], self.hidden_size
+        self.steps = T
+        acts = self.project_inputs(x)
+        # + h_(t-1) W_hh^T: the real previous outputs, and h0 where the sequence starts
+        w_t = self.w.w_hh.t()
+        head, body, known = (
+            (acts[-1], acts[:-1], known_out[1:])
+            if self.reverse
+            else (acts[0], acts[1:], known_out[:-1])
+        )
+        body.view(-1, 4 * H).addmm_(known.reshape(-1, known.shape[-1]), w_t)
+        head.addmm_(h0, w_t)
+        acts[..., : 3 * H].sigmoid_()
+        g = acts[..., 3 * H :]
+        tanh(g, out=g)
+        ig = acts[..., H : 2 * H] * acts[..., 3 * H :]
+        f = acts[..., 2 * H : 3 * H]
+        cells = torch.empty_like(ig)
+        ig_t, f_t, cells_t = ig.unbind(), f.unbind(), cells.unbind()
+        c = c0
+        for t in self.order(T):
+            c = torch.addcmul(ig_t[t], f_t[t], c, out=cells_t[t])
+        tanh_c = tanh(cells)
+        outs = acts[..., :H] * tanh_c
+        self._coefficients(acts, cells, tanh_c, c0)
+        return outs, c.new_empty(0) if T == 0 else outs[self.order(T)[-1]], c
+
+    def step_back(self, t, dh, dc, valid):
+        H = self.hidden_size
+        dm = dh if self.w.w_hr is None else torch.mm(dh, self.w.w_hr)
+        dc_total = torch.addcmul(dc, dm, self._k_c[t])
+        d_a = dm.new_empty(dm.shape[0], 4 * H)
+        torch.mul(dm, self._k_o[t], out=d_a[:, :H])
+        d_ifg = d_a[:, H:].view(-1, 3, H)
+        torch.mul(dc_total.unsqueeze(1), self._k_ifg[t].view(-1, 3, H), out=d_ifg)
+        d_a = _zero_invalid(valid, t, d_a)
+        dc_prev = _zero_invalid(valid, t, dc_total * self._f[t])
+        return d_a, self._to_state(d_a), dc_prev, dc_total
+
+    def backward(self, direct, dh_n, dc_n, last, valid, input_grad=True):
+        if valid is not None or self.w.w_hr is not None:
+            return super().backward(direct, dh_n, dc_n, last, valid, input_grad)
+        # Every sequence covers every step: the generic walk with each step's results
+        # written straight into whole-sequence buffers, and per-step views taken once
+        # (``unbind``) rather than indexed step by step: at small sizes the replay is bound
+        # by the number of operations, not by arithmetic.
+        T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
+        if dh_n is not None:
+            direct = direct + last * dh_n
+        total_h = torch.empty_like(direct)
+        total_c, carried_c = direct.new_empty(T, B, H), direct.new_empty(T, B, H)
+        d_a = direct.new_empty(T, B, 4 * H)
+        d_a_o, d_a_ifg = d_a[..., :H].unbind(), d_a[..., H:].view(T, B, 3, H).unbind()
+        k_c, k_o, f = self._k_c.unbind(), self._k_o.unbind(), self._f.unbind()
+        k_ifg = self._k_ifg.view(T, B, 3, H).unbind()
+        direct_t, total_h_t, total_c_t = direct.unbind(), total_h.unbind(), total_c.unbind()
+        carried_c_t = carried_c.unbind()
+        visit = list(reversed(self.order(T)))
+        carried_h: list[Tensor] = [direct.new_empty(0)] * T
+        carry_h = direct.new_zeros(B, direct.shape[2])
+        if T:  # nothing arrives at the last step from beyond it
+            carried_c_t[visit[0]].zero_()
+        for n, t in enumerate(visit):
+            carried_h[t] = carry_h
+            dh = torch.add(direct_t[t], carry_h, out=total_h_t[t])
+            # the final cell-state gradient enters at the first visited step (the last one)
+            dc = dc_n if n == 0 and dc_n is not None else carried_c_t[t]
+            dc_total = torch.addcmul(dc, dh, k_c[t], out=total_c_t[t])
+            torch.mul(dh, k_o[t], out=d_a_o[t])
+            torch.mul(dc_total.unsqueeze(1), k_ifg[t], out=d_a_ifg[t])
+            if n + 1 < T:
+                torch.mul(dc_total, f[t], out=carried_c_t[visit[n + 1]])
+                carry_h = self._to_state(d_a[t])
+        grad_input = None
+        if input_grad:
+            grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
+        stacked = torch.stack(carried_h) if T else torch.empty_like(direct)
+        return BackwardResult(total_h, direct, stacked, carried_c, total_c, grad_input)
+
+    # rows are in (o, i, f, g) order here
+    def candidate_block(self):
+        H = self.hidden_size
+        return self.recurrent_matrix()[3 * H :]
+
+    def forget_bias(self):
+        H = self.hidden_size
+        parts = [b[2 * H : 3 * H] for b in (self.w.b_ih, self.w.b_hh) if b is not None]
+        return sum(parts[1:], parts[0]).mean() if parts else self.w.w_hh.new_zeros(())
+
+    def trajectory(self, steps):
+        H = self.hidden_size
+        a = self._acts[steps]
+        g = a[..., 3 * H :]
+        return {
+            "derivative": 1 - g * g,
+            "forget": a[..., 2 * H : 3 * H],
+            "input": a[..., H : 2 * H],
+            "output": a[..., :H],
+        }
