@@ -20,7 +20,9 @@ capture never diagnoses). Two ways to drive it:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
+from functools import partial
 from math import hypot
 from typing import Any
 
@@ -29,21 +31,34 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 
 from gradwatch._capture.families import Family, Record, family_of
+from gradwatch._capture.hooks import WeakHook, active_here, attach_here, detach_here
+from gradwatch._capture.passes import PassClassifier, in_backward
 from gradwatch._capture.raw import RawCapture
 from gradwatch._capture.steps import StepSequence
 
-__all__ = ["Recorder", "active_recorder"]
+__all__ = ["Recorder", "active_recorder", "active_recorders"]
 
 Consume = Callable[[RawCapture], Any]
 
-# Recorders with hooks attached, most recent last: `mark_state` records into the last one.
-_ACTIVE: list[Recorder] = []
+_HIGHER_ORDER = (
+    "a backward pass with create_graph=True (a gradient penalty or a double backward) went "
+    "through this call and another training pass reached it too: the second-order "
+    "contributions to the training gradient flow through autograd's double-backward graph, "
+    "not through the call's outputs, so they cannot be separated; the values are the "
+    "first-order gradients that reached the outputs"
+)
+
+
+def active_recorders() -> list[Recorder]:
+    """The recorders attached in the calling thread (oldest first): `gradwatch.mark_state`
+    records into each of them. No global strong reference: a dropped one disappears."""
+    return active_here()
 
 
 def active_recorder() -> Recorder | None:
-    """The recorder that `gradwatch.mark_state` (and any family driven by a user call)
-    records into: the most recently attached one."""
-    return _ACTIVE[-1] if _ACTIVE else None
+    """The most recently attached recorder of the calling thread, if any."""
+    live = active_here()
+    return live[-1] if live else None
 
 
 class Recorder:
@@ -78,21 +93,32 @@ class Recorder:
         self._capture = self._retain = not windowed
         self._injected: list[Tensor | float | None] = [None] * len(self.names)
         self._forward_index = 0
-        self._queued = False
+        self._microbatch = 0
+        self._queued: set[int] = set()  # passes whose end-of-pass callback is queued
+        self._passes = PassClassifier(model)
+        self._mark_stack: Any = None
         self._reset_window()
 
     def _reset_window(self) -> None:
         self._records: list[tuple[Record, Family]] = []
         self._sequences: dict[str, StepSequence] = {}  # current sequence per module / mark
         self._name_counts: dict[str, int] = {}
-        self._mb_counts: dict[str, int] = {}
-        self._key_of: dict[str, str] = {}  # unique call name -> per-micro-batch key
         self._module_of: dict[str, str] = {}  # call name -> module (or mark) name
         self._results: dict[str, Any] = {}
         self._failures: dict[str, str] = {}
         self._dirty: set[int] = set()
         self._backward_seen = False
+        self._only_untrained = False  # only passes that train nothing reached a record
         self._boundary = False  # a backward pass completed since the last recorded call
+        # per record (by id): forward pass, micro-batch, passes that reached it
+        self._group_of: dict[int, int] = {}
+        self._mb_of: dict[int, int] = {}
+        self._reached: dict[int, set[tuple[int, bool, bool]]] = {}
+        self._trained_groups: set[int] = set()
+        # gradients of passes still running, applied when the pass completes (an aborted
+        # pass never completes: its gradients are dropped)
+        self._pending: dict[int, list[tuple[Record | None, Callable[[], None]]]] = {}
+        self._ghosts: dict[str, int] = {}  # calls under no_grad (reentrant checkpointing)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -108,13 +134,30 @@ class Recorder:
         """Register the module hooks (idempotent)."""
         if self._attached:
             return
-        if family_of(self.model) is None:  # a recurrence as root: each call is a step
-            self._root_handle = self.model.register_forward_pre_hook(self._on_root_forward)
+        if not isinstance(self.model, nn.RNNCellBase):  # a cell as root: each call is a step
+            self._root_handle = self.forward_pre_hook(
+                self.model, Recorder._on_root_forward, with_kwargs=False
+            )
         for name, module, family in self.modules:
             if name not in self.disabled:
                 self._handles[name] = family.hook(self, name, module)
-        _ACTIVE.append(self)
+        self._mark_stack = attach_here(self)
         self._attached = True
+
+    def forward_hook(
+        self, module: nn.Module, fn: Callable[..., Any], *bound: Any, with_kwargs: bool = True
+    ) -> Any:
+        """Register ``fn(recorder, *bound, module, args[, kwargs], output)`` as a forward
+        hook of ``module`` holding this recorder weakly (see `gradwatch._capture.hooks`)."""
+        hook = WeakHook(self, module, fn, *bound)
+        return module.register_forward_hook(hook, with_kwargs=with_kwargs)
+
+    def forward_pre_hook(
+        self, module: nn.Module, fn: Callable[..., Any], *bound: Any, with_kwargs: bool = True
+    ) -> Any:
+        """Like `forward_hook`, as a forward pre-hook."""
+        hook = WeakHook(self, module, fn, *bound)
+        return module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
 
     def detach(self) -> None:
         """Remove the module hooks; what was recorded is kept."""
@@ -125,8 +168,8 @@ class Recorder:
         if self._root_handle is not None:
             self._root_handle.remove()
             self._root_handle = None
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
+        detach_here(self, self._mark_stack)
+        self._mark_stack = None
         self._attached = False
 
     def close(self) -> None:
@@ -167,24 +210,25 @@ class Recorder:
         return name not in self.disabled and torch.is_grad_enabled()
 
     def new_name(self, base: str) -> str:
-        """The report name of a new call of ``base``: ``base``, ``base#1``, ..."""
+        """A unique name for a new call of ``base`` while it is recorded (``base``,
+        ``base#1``, ...); the report names are given at the end (`final_names`), counting
+        only the calls that are reported."""
         if self.windowed and self._boundary:  # first recorded call of a new micro-batch
             self._boundary = False
-            self._mb_counts.clear()
             self._sequences = {}
             self._forward_index += 1
+            self._microbatch += 1
         k = self._name_counts.get(base, 0)
         self._name_counts[base] = k + 1
         name = base if k == 0 else f"{base}#{k}"
-        m = self._mb_counts.get(base, 0)
-        self._mb_counts[base] = m + 1
-        self._key_of[name] = base if m == 0 else f"{base}#{m}"
         self._module_of[name] = base
         return name
 
     def add(self, record: Record, family: Family) -> None:
         """Keep a record (named with `new_name`) until it is captured."""
         self._records.append((record, family))
+        self._group_of[id(record)] = self._forward_index
+        self._mb_of[id(record)] = self._microbatch
 
     def sequence(self, base: str) -> StepSequence | None:
         """The current step sequence of a module or mark, if any."""
@@ -201,15 +245,42 @@ class Recorder:
             module=module,
             forward_index=self._forward_index,
         )
-        seq.on_grad = lambda: self.gradient_arrived(seq)
+        params = tuple(module.parameters()) if module is not None else ()
+        seq.deliver = partial(self.gradient, seq, params=params)
         self._sequences[base] = seq
         self.add(seq, family)
         return seq
 
+    # -- gradients: only those of passes that train, applied when the pass completes ---------
+    def gradient(
+        self, record: Record | None, apply: Callable[[], None], params: Iterable[Tensor] = ()
+    ) -> None:
+        """A gradient reached ``record`` (``None``: only the cheap signal); ``apply``
+        stores it. Dropped when the running pass trains nothing; otherwise applied when the
+        pass completes (never, if it is aborted by an exception)."""
+        running = self._passes.current(params)
+        if record is not None:
+            reached = self._reached.setdefault(id(record), set())
+            reached.add((running.task, running.trains, running.create_graph))
+        if not running.trains:
+            self._only_untrained = True
+            return
+        if running.task == -1:  # not inside a pass (cannot happen from autograd): apply now
+            apply()
+            return
+        self._pending.setdefault(running.task, []).append((record, apply))
+        if running.task not in self._queued:
+            self._queued.add(running.task)
+            # Runs once the whole pass is done: every output gradient has arrived and the
+            # weights are still those of the forward pass (no optimizer step yet).
+            Variable._execution_engine.queue_callback(
+                partial(self._end_of_backward, running.task)
+            )
+
     def gradient_arrived(self, record: Record) -> None:
-        """A gradient reached ``record``: capture it after this backward pass (per block)."""
-        self._dirty.add(id(record))
-        self._queue_end_of_backward()
+        """Capture ``record`` after this backward pass (kept for families that store their
+        gradients themselves; prefer `gradient`)."""
+        self.gradient(record, lambda: None)
 
     def add_injected(self, module_name: str, grad: Tensor) -> None:
         """Add a gradient at a module's outputs to its injected norm (windowed use only)."""
@@ -226,7 +297,6 @@ class Recorder:
             if old is not None and not isinstance(old, Tensor):
                 old = torch.tensor(old, dtype=torch.float64, device=n.device)
             self._injected[i] = n if old is None else torch.hypot(old, n)
-        self._queue_end_of_backward()
 
     def fail(self, name: str, why: str, *, keep_first: bool = False) -> None:
         """Record why a call (or module) could not be measured."""
@@ -242,20 +312,44 @@ class Recorder:
         out, self._injected = self._injected, [None] * len(self.names)
         return out
 
+    # -- calls during backward (activation checkpointing) -----------------------------------
+    def skip_call(self, name: str, module: nn.Module) -> bool:
+        """Whether a forward call of ``name`` is not a call of its own.
+
+        Under activation checkpointing the forward of a block runs again inside backward.
+        Without reentrancy (``use_reentrant=False``) the first run was recorded: the rerun
+        only rebuilds saved tensors and is skipped. With reentrancy the first run was under
+        ``no_grad`` (noted here as a pending call, `skip_call` returning True for it) and
+        the rerun, which the gradient goes through, is the call.
+        """
+        if in_backward():
+            if self._ghosts.get(name, 0) > 0:
+                self._ghosts[name] -= 1
+                return False
+            return True
+        if not torch.is_grad_enabled():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                self._ghosts[name] = self._ghosts.get(name, 0) + 1
+            return True
+        return False
+
     # -- backward boundaries -----------------------------------------------------------------
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
-        self._forward_index += 1
+        if not in_backward():  # a recomputation is not a new forward pass
+            self._forward_index += 1
 
-    def _queue_end_of_backward(self) -> None:
+    def _end_of_backward(self, task: int) -> None:
+        self._queued.discard(task)
+        for record, apply in self._pending.pop(task, []):
+            try:
+                apply()
+            except Exception as e:  # monitoring must never crash training
+                if record is not None:
+                    self.fail(record.name, f"could not record a gradient: {e!r}")
+            if record is not None:
+                self._dirty.add(id(record))
+                self._trained_groups.add(self._group_of.get(id(record), -1))
         self._backward_seen = True
-        if not self._queued:
-            self._queued = True
-            # Runs once the whole backward pass is done: every output gradient has arrived
-            # and the weights are still those of the forward pass (no optimizer step yet).
-            Variable._execution_engine.queue_callback(self._end_of_backward)
-
-    def _end_of_backward(self) -> None:
-        self._queued = False
         if self.windowed:  # only a micro-batch boundary: the capture waits for finish()
             self._boundary = True
             return
@@ -266,10 +360,20 @@ class Recorder:
 
     def _capture_one(self, record: Record, family: Family) -> None:
         try:
-            self._results[record.name] = self.consume(family.capture(record))
+            raw = family.capture(record)
+            if self._higher_order(record):
+                raw = dataclasses.replace(raw, reasons=(*raw.reasons, _HIGHER_ORDER))
+            self._results[record.name] = self.consume(raw)
             self._failures.pop(record.name, None)
         except Exception as e:  # monitoring must never crash training
             self._failures[record.name] = f"{family.failure}: {e!r}"
+
+    def _higher_order(self, record: Record) -> bool:
+        """Whether a create_graph pass and another training pass both reached ``record``."""
+        reached = self._reached.get(id(record), set())
+        graphs = {task for task, _, create_graph in reached if create_graph}
+        trained = {task for task, trains, _ in reached if trains}
+        return bool(graphs) and bool(trained - graphs or (trained and len(graphs) > 1))
 
     # -- results ----------------------------------------------------------------------------
     @property
@@ -277,40 +381,92 @@ class Recorder:
         """The names of the calls and sequences recorded so far, in call order."""
         return [r.name for r, _ in self._records]
 
+    @property
+    def failures(self) -> dict[str, str]:
+        """Why calls or modules could not be measured so far, by name."""
+        return dict(self._failures)
+
+    @property
+    def only_untrained(self) -> bool:
+        """Whether gradients reached the records only in passes that train nothing."""
+        return self._only_untrained and not self._backward_seen
+
+    def final_names(self) -> dict[str, tuple[str, str]]:
+        """Report name and per-micro-batch key of every reported record, by recorded name.
+
+        Reported are the records of the forward passes whose backward trained: the calls
+        of an aborted forward or backward are dropped (and do not shift the others' names).
+        """
+        names: dict[str, tuple[str, str]] = {}
+        counts: dict[str, int] = {}
+        mb_counts: dict[tuple[int, str], int] = {}
+        for record, _ in self._records:
+            if self._group_of.get(id(record), -1) not in self._trained_groups:
+                continue
+            base = record.module_name
+            k = counts.get(base, 0)
+            counts[base] = k + 1
+            mb = (self._mb_of.get(id(record), 0), base)
+            m = mb_counts.get(mb, 0)
+            mb_counts[mb] = m + 1
+            names[record.name] = (
+                base if k == 0 else f"{base}#{k}",
+                base if m == 0 else f"{base}#{m}",
+            )
+        return names
+
     def results(self, *, complete: bool) -> tuple[dict[str, Any], dict[str, str]]:
-        """Per block: the consumed captures by call name, in call order, and the failures.
+        """Per block: the consumed captures by report name, in call order, and the failures.
 
         ``complete`` first captures the records not captured yet (calls whose outputs got no
         gradient read zero): at the end of the block.
         """
+        final = self.final_names()
         if complete and self._backward_seen:
-            self._end_of_backward()
             for record, family in self._records:
-                if record.name not in self._results and record.name not in self._failures:
-                    self._capture_one(record, family)
-        order = [r.name for r, _ in self._records]
-        results = {n: self._results[n] for n in order if n in self._results}
-        return results, {n: w for n, w in self._failures.items() if n not in results}
+                if record.name in final and record.name not in self._results:
+                    if record.name not in self._failures:
+                        self._capture_one(record, family)
+        results = {}
+        for record, _ in self._records:
+            if record.name in final and record.name in self._results:
+                results[final[record.name][0]] = _renamed(
+                    self._results[record.name], final[record.name][0]
+                )
+        failures = {}
+        recorded = set(self.recorded)
+        for name, why in self._failures.items():
+            if name in recorded:  # a call: reported under its report name, if at all
+                if name not in final:
+                    continue
+                name = final[name][0]
+            if name not in results:
+                failures[name] = why
+        return results, failures
 
     def finish(self, replay: bool) -> tuple[list[tuple[str, Any]], dict[str, str]]:
         """Close the current window (windowed use).
 
-        With ``replay``, every record is captured and consumed; returns ``[(key, result),
-        ...]`` in call order, where ``key`` is the per-micro-batch name (equal keys are calls
-        to merge), and the failures by module name. Everything recorded is released.
+        With ``replay``, every reported record (`final_names`) is captured and consumed;
+        returns ``[(key, result), ...]`` in call order, where ``key`` is the per-micro-batch
+        name (equal keys are calls to merge), and the failures by module name. Everything
+        recorded is released.
         """
         results: list[tuple[str, Any]] = []
         failures: dict[str, str] = {}
         try:
+            final = self.final_names()
             if replay and self._backward_seen:
                 for record, family in self._records:
-                    if record.name not in self._failures:
+                    if record.name in final and record.name not in self._failures:
                         self._capture_one(record, family)
                 for record, _ in self._records:
-                    if record.name in self._results:
-                        key = self._key_of.get(record.name, record.name)
-                        results.append((key, self._results[record.name]))
+                    if record.name in final and record.name in self._results:
+                        name, key = final[record.name]
+                        results.append((key, _renamed(self._results[record.name], name)))
             for name, why in self._failures.items():
+                if name in self._module_of and name not in final:
+                    continue  # a call that is not reported (aborted forward)
                 failures.setdefault(self._module_of.get(name, name), why)
         finally:
             self.release()
@@ -322,6 +478,15 @@ class Recorder:
             record.release()
         self._reset_window()
         self._forward_index += 1
+        self._microbatch += 1
+
+
+def _renamed(result: Any, name: str) -> Any:
+    """``result`` under its report name (a dataclass with a ``name`` field, like
+    `ModuleReport`, is copied with the new name)."""
+    if getattr(result, "name", name) == name or not dataclasses.is_dataclass(result):
+        return result
+    return dataclasses.replace(result, name=name)
 
 
 def _host_norm(g: Tensor) -> float:

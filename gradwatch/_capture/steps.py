@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from gradwatch._capture.stats import sample_norms
 
-__all__ = ["Step", "StepSequence", "consumes", "hook_carried", "hook_step", "step_stats"]
+__all__ = [
+    "Step",
+    "StepSequence",
+    "consumes",
+    "hook_carried",
+    "hook_step",
+    "observe_gradient",
+    "step_stats",
+]
 
 
 @dataclass
@@ -37,6 +45,8 @@ class Step:
     h: Tensor | None = None
     c: Tensor | None = None
     c_hook_has_h_path: bool = False  # whether the hook on c_t already sees the h_t path
+    # cells: the weights the step's forward read (never re-read: see _capture.weights)
+    weights: dict[str, Tensor | None] = field(default_factory=dict)
 
     def add(self, slot: str, grad: Tensor) -> None:
         """Accumulate a hooked gradient (several backward passes may reach the same step)."""
@@ -55,23 +65,34 @@ class StepSequence:
     steps: list[Step] = field(default_factory=list)
     outputs: tuple[Tensor, ...] = ()  # the last step's output tensors, to detect continuation
     forward_index: int = 0  # which forward pass of the traced model the sequence belongs to
-    on_grad: Callable[[], None] | None = None  # told whenever a hooked gradient arrives
+    # hands each hooked gradient's store function to the recorder (which applies it when
+    # the backward pass completes, if that pass trains); ``None``: store at once
+    deliver: Callable[[Callable[[], None]], None] | None = None
     handles: list[Any] = field(default_factory=list)
 
+    def receive(self, store: Callable[[], None]) -> None:
+        if self.deliver is None:
+            store()
+        else:
+            self.deliver(store)
+
     def hook(self, tensor: Tensor, store: Callable[[Tensor], None]) -> None:
-        """Register a gradient hook that passes the gradient to ``store`` and changes nothing."""
+        """Observe the gradient reaching ``tensor`` and pass it to ``store``; changes nothing.
+
+        Observed at the node that produced the tensor (`observe_gradient`): after every
+        tensor hook of the user's, whenever it was registered, so the value is what the
+        recurrence actually received.
+        """
 
         def fn(grad: Tensor | None) -> None:
             if grad is None:  # an unused output of a multi-output node
                 return
             try:
-                store(grad.detach().clone())
-                if self.on_grad is not None:
-                    self.on_grad()
+                self.receive(partial(store, grad.detach().clone()))
             except Exception:  # monitoring must never crash training: the step reads zero
                 pass
 
-        self.handles.append(tensor.register_hook(fn))
+        self.handles.append(observe_gradient(tensor, fn))
 
     def release(self) -> None:
         for h in self.handles:
@@ -168,16 +189,36 @@ def graph_bound(tensors: tuple[Tensor, ...]) -> int:
 
 def _on_carried(seq: StepSequence, prev: Step, edges, grad_inputs, grad_outputs) -> None:
     try:
-        for k, slot in edges:
-            g = grad_inputs[k]
-            if g is not None:
-                g = g.detach().clone()
-                old = prev.carried[slot]
-                prev.carried[slot] = g if old is None else old + g
-        if seq.on_grad is not None:
-            seq.on_grad()
+        got = [(slot, grad_inputs[k].detach().clone()) for k, slot in edges if grad_inputs[k] is not None]
+        seq.receive(partial(_add_carried, prev, got))
     except Exception:  # monitoring must never crash training: the step reads zero
         pass
+
+
+def _add_carried(prev: Step, got: list[tuple[int, Tensor]]) -> None:
+    for slot, g in got:
+        old = prev.carried[slot]
+        prev.carried[slot] = g if old is None else old + g
+
+
+def observe_gradient(tensor: Tensor, fn: Callable[[Tensor | None], None]) -> Any:
+    """Call ``fn`` with the gradient reaching ``tensor`` in each backward pass; returns the
+    removable handle.
+
+    A pre-hook on the node that produced the tensor, reading the tensor's slot: autograd
+    runs it after every tensor hook registered on the tensor (before or after this one), so
+    ``fn`` sees the gradient the producing computation really received. A leaf has no such
+    node: a tensor hook then (it sees the gradient before later tensor hooks).
+    """
+    node = tensor.grad_fn
+    if node is None:
+        return tensor.register_hook(fn)
+    nr = tensor.output_nr
+
+    def pre(grad_outputs: tuple[Tensor | None, ...]) -> None:
+        fn(grad_outputs[nr] if nr < len(grad_outputs) else None)
+
+    return node.register_prehook(pre)
 
 
 def step_stats(

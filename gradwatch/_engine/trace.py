@@ -12,6 +12,7 @@ from gradwatch._analysis.report import ModuleReport, Report
 from gradwatch._analysis.verdicts import Thresholds
 from gradwatch._base.errors import (
     BackwardNotRunError,
+    CaptureError,
     GradwatchError,
     NoRecurrentModuleError,
     UnsupportedModuleError,
@@ -103,12 +104,26 @@ class Trace:
         recorder = self._recorder
         if not self.selection.watched and not recorder.recorded:
             raise NoRecurrentModuleError(self._nothing_found(model))
+        if not recorder.recorded and recorder.failures:  # the real cause first
+            _, failures = recorder.results(complete=False)
+            raise CaptureError(
+                f"gradwatch.trace({model}): "
+                + "; ".join(f"{n}: {why}" for n, why in failures.items())
+            )
         if not recorder.recorded:
             names = ", ".join(repr(n) for n in self.names)
             raise GradwatchError(
                 f"gradwatch.trace({model}): the recurrent modules {names} were not called with "
                 "gradients enabled inside the trace (was the forward pass run under "
                 "torch.no_grad() or outside the `with` block?)"
+            )
+        if not recorder.backward_seen and recorder.only_untrained:
+            names = ", ".join(repr(n) for n in recorder.recorded)
+            raise BackwardNotRunError(
+                f"gradwatch.trace({model}): only backward passes that train nothing (such as "
+                f"torch.autograd.grad) reached {names}; a report describes the passes that "
+                "accumulate into parameter gradients: call loss.backward() inside the `with` "
+                "block"
             )
         if not recorder.backward_seen:
             names = ", ".join(repr(n) for n in recorder.recorded)

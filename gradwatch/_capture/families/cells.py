@@ -19,6 +19,7 @@ from gradwatch._capture.families import Family, register
 from gradwatch._capture.raw import RawCapture, Recurrences
 from gradwatch._capture.recurrences import LayerWeights, make_recurrence
 from gradwatch._capture.stats import relative_deviation
+from gradwatch._capture.weights import ParametrizedOutputs, forward_weight, raw_parameter
 from gradwatch._capture.steps import (
     Step,
     StepSequence,
@@ -46,8 +47,12 @@ def cell_kind(module: nn.Module) -> str | None:
     return next((kind for cls, kind in _CELL_KINDS if isinstance(module, cls)), None)
 
 
-def _dtype(cell: nn.Module) -> torch.dtype:
-    return torch.float64 if cell.weight_hh.dtype == torch.float64 else torch.float32
+_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _dtype(step: Step) -> torch.dtype:
+    w = step.weights.get("weight_hh")
+    return torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
 
 
 def _trajectory(seq: StepSequence, device: torch.device) -> Recurrences | None:
@@ -60,10 +65,12 @@ def _trajectory(seq: StepSequence, device: torch.device) -> Recurrences | None:
         return None
     if any(st.x is None or st.hx is None or st.h is None for st in steps):
         return None
+    if steps[-1].weights.get("weight_hh") is None or steps[-1].weights.get("weight_ih") is None:
+        return None
     mode = _MODES[kind]
     if mode == "RNN_TANH" and getattr(cell, "nonlinearity", "tanh") == "relu":
         mode = "RNN_RELU"
-    dtype = _dtype(cell)
+    dtype = _dtype(steps[-1])
 
     def stacked(parts: list[Any]) -> Tensor:
         return torch.stack(
@@ -78,8 +85,8 @@ def _trajectory(seq: StepSequence, device: torch.device) -> Recurrences | None:
     except RuntimeError:  # steps of different batch sizes
         return None
 
-    def weight(name: str) -> Tensor | None:
-        w = getattr(cell, name, None)
+    def weight(name: str) -> Tensor | None:  # as the last step's forward read it
+        w = steps[-1].weights.get(name)
         return None if w is None else w.detach().to(device, dtype)
 
     weights = LayerWeights(
@@ -94,7 +101,7 @@ def _trajectory(seq: StepSequence, device: torch.device) -> Recurrences | None:
         {(0, 0): rec},
         None,
         lengths,
-        {(0, 0): cell.weight_hh},
+        {(0, 0): raw_parameter(cell, "weight_hh")},
         deviation=deviation,
         tolerance=_CELL_TOLERANCE[dtype],
     )
@@ -103,13 +110,15 @@ def _trajectory(seq: StepSequence, device: torch.device) -> Recurrences | None:
 def _lstm_cell_path(cell: nn.LSTMCell, step: Step, dh: Tensor) -> Tensor:
     """The gradient reaching c_t through h_t = o * tanh(c_t) inside the same cell call."""
     assert step.x is not None and step.hx is not None and step.c is not None
-    dtype = _dtype(cell)
+    dtype = _dtype(step)
     H = cell.hidden_size
+    w = step.weights
     x, h = step.x.to(dtype), step.hx[0].to(dtype)
-    pre_o = x @ cell.weight_ih[3 * H :].detach().to(dtype).t()
-    pre_o = pre_o + h @ cell.weight_hh[3 * H :].detach().to(dtype).t()
-    if cell.bias:
-        pre_o = pre_o + (cell.bias_ih[3 * H :] + cell.bias_hh[3 * H :]).detach().to(dtype)
+    pre_o = x @ w["weight_ih"][3 * H :].detach().to(dtype).t()  # type: ignore[index]
+    pre_o = pre_o + h @ w["weight_hh"][3 * H :].detach().to(dtype).t()  # type: ignore[index]
+    for b in ("bias_ih", "bias_hh"):
+        if w.get(b) is not None:
+            pre_o = pre_o + w[b][3 * H :].detach().to(dtype)  # type: ignore[index]
     tc = torch.tanh(step.c.to(dtype))
     return dh.to(dtype) * torch.sigmoid(pre_o) * (1 - tc * tc)
 
@@ -132,11 +141,11 @@ class CellFamily(Family):
 
     def hook(self, recorder: Recorder, name: str, module: nn.Module) -> list[RemovableHandle]:
         pending: dict[str, Any] = {}  # the step between this module's pre-hook and hook
-        pre = partial(self._on_pre, recorder, name, pending)
-        post = partial(self._on_call, recorder, name, pending)
+        seen = ParametrizedOutputs()  # parametrized weights as the forward computed them
         return [
-            module.register_forward_pre_hook(pre, with_kwargs=True),
-            module.register_forward_hook(post, with_kwargs=True),
+            recorder.forward_pre_hook(module, self._on_pre, name, pending),
+            recorder.forward_hook(module, self._on_call, name, pending, seen),
+            *seen.hook(recorder, module),
         ]
 
     def capture(self, record: StepSequence) -> RawCapture:
@@ -160,7 +169,9 @@ class CellFamily(Family):
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_pre(self, recorder: Recorder, name: str, pending: dict, module, args, kwargs):
-        if not recorder.capturing or not recorder.watching(name):
+        if not recorder.capturing or name in recorder.disabled:
+            return None
+        if recorder.skip_call(name, module):  # no_grad, or a recomputation in backward
             return None
         try:
             x = args[0] if args else kwargs["input"]
@@ -186,12 +197,15 @@ class CellFamily(Family):
             recorder.fail(name, f"could not record a cell step: {e!r}")
         return None
 
-    def _on_call(self, recorder: Recorder, name: str, pending: dict, module, args, kwargs, out):
+    def _on_call(
+        self, recorder: Recorder, name: str, pending: dict, seen, module, args, kwargs, out
+    ):
         record = pending.pop("step", None)
         if record is None:
             return
         seq, step, carry = record
         try:
+            step.weights = {w: forward_weight(module, w, seen) for w in _WEIGHTS}
             h, c = out if isinstance(out, tuple) else (out, None)
             parts = (h,) if c is None else (h, c)
             if carry is not None:

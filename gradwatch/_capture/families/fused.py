@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._capture.families import Family, register
@@ -23,6 +24,8 @@ from gradwatch._capture.fused import (
     replay,
 )
 from gradwatch._capture.raw import RawCapture, Recurrences
+from gradwatch._capture.steps import observe_gradient
+from gradwatch._capture.weights import raw_parameter
 
 if TYPE_CHECKING:
     from gradwatch._capture.recorder import Recorder
@@ -31,12 +34,13 @@ __all__ = ["FUSED", "FusedFamily", "capture_call"]
 
 
 def _weight_keys(mod: nn.RNNBase) -> dict[tuple[int, int], Tensor]:
-    """The module's own recurrent weight parameters by (layer, direction)."""
+    """The module's own recurrent weight parameters by (layer, direction), read without
+    running a parametrization (`raw_parameter`)."""
     keys = {}
     for layer in range(mod.num_layers):
         for d in range(2 if mod.bidirectional else 1):
-            w = getattr(mod, f"weight_hh_l{layer}" + ("_reverse" if d else ""), None)
-            if isinstance(w, Tensor):
+            w = raw_parameter(mod, f"weight_hh_l{layer}" + ("_reverse" if d else ""))
+            if w is not None:
                 keys[layer, d] = w
     return keys
 
@@ -52,10 +56,9 @@ def capture_call(call: FusedCall) -> RawCapture:
             "are not visible, so layers below the top are replayed without dropout"
         )
     tolerance = None
-    if call.h_n.dtype not in EXACT_TOLERANCE:
-        reasons.append(
-            f"the module computed in {call.h_n.dtype} (autocast?); replayed in {rep.dtype}"
-        )
+    computed = _data(call.output).dtype
+    if computed not in EXACT_TOLERANCE:
+        reasons.append(f"the module computed in {computed} (autocast?); replayed in {rep.dtype}")
     elif not call.dropout_active:
         tolerance = EXACT_TOLERANCE[rep.dtype]
     steps = rep.stats["total"].shape[-1]
@@ -94,20 +97,22 @@ class FusedFamily(Family):
         return None
 
     def hook(self, recorder: Recorder, name: str, module: nn.Module) -> list[RemovableHandle]:
-        on_call = partial(self._on_call, recorder, name)
-        return [module.register_forward_hook(on_call, with_kwargs=True)]
+        return [recorder.forward_hook(module, self._on_call, name)]
 
     def capture(self, record: FusedCall) -> RawCapture:
         return capture_call(record)
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_call(self, recorder: Recorder, name: str, module: nn.Module, args, kwargs, output):
-        if not recorder.watching(name):
+        if name in recorder.disabled or recorder.skip_call(name, module):
             return
+        params = tuple(module.parameters())
+        inp = args[0] if args else kwargs.get("input")
         if not recorder.retaining:  # only the injected norm, for the cheap signals
             try:
-                for tensor in output_tensors(output).values():
-                    tensor.register_hook(partial(self._on_light_grad, recorder, name))
+                for tensor in output_tensors(name, module, inp, output).values():  # type: ignore[arg-type]
+                    hook = partial(self._on_light_grad, recorder, name, params)
+                    observe_gradient(tensor, hook)
             except Exception as e:  # monitoring must never crash training
                 recorder.fail(name, f"could not hook the outputs: {e!r}", keep_first=True)
             return
@@ -116,40 +121,44 @@ class FusedFamily(Family):
             if call is None:
                 return
             call.name = recorder.new_name(name)
-            for slot, tensor in output_tensors(output).items():
-                hook = partial(self._on_grad, recorder, call, slot)
-                call.handles.append(tensor.register_hook(hook))
+            for slot, tensor in output_tensors(name, module, inp, output).items():  # type: ignore[arg-type]
+                hook = partial(self._on_grad, recorder, call, slot, params)
+                call.handles.append(observe_gradient(tensor, hook))
             recorder.add(call, self)
         except Exception as e:  # monitoring must never crash training
-            recorder.fail(name, f"could not record the call: {e!r}")
+            recorder.fail(name, f"could not record the call: {e}")
 
     @staticmethod
-    def _on_light_grad(recorder: Recorder, name: str, grad: Tensor | None) -> None:
+    def _on_light_grad(recorder: Recorder, name: str, params: tuple, grad: Tensor | None) -> None:
         if grad is None:
             return
         try:
-            recorder.add_injected(name, grad)
+            recorder.gradient(None, partial(recorder.add_injected, name, grad.detach()), params)
         except Exception as e:  # monitoring must never crash training
             recorder.fail(name, f"could not measure a gradient: {e!r}", keep_first=True)
 
     @staticmethod
-    def _on_grad(recorder: Recorder, call: FusedCall, slot: str, grad: Any) -> None:
+    def _on_grad(recorder: Recorder, call: FusedCall, slot: str, params: tuple, grad: Any) -> None:
         if grad is None:  # an unused output of a multi-output node
             return
-        grad = grad.detach()
-        try:
-            recorder.add_injected(call.module_name, grad)
-        except Exception as e:  # monitoring must never crash training
-            recorder.fail(call.module_name, f"could not measure a gradient: {e!r}", keep_first=True)
         try:
             # Per window (every step on the CPU) kept by reference, not copied: autograd never
             # writes into a gradient someone else still holds, and the replay only reads it.
-            kept = grad if recorder.windowed else grad.clone()
-            old = call.grads.get(slot)
-            call.grads[slot] = kept if old is None else old + kept
-            recorder.gradient_arrived(call)
+            kept = grad.detach() if recorder.windowed else grad.detach().clone()
+            recorder.gradient(call, partial(_store, recorder, call, slot, kept), params)
         except Exception as e:  # monitoring must never crash training
             recorder.fail(call.name, f"could not record a gradient: {e!r}")
+
+
+def _store(recorder: Recorder, call: FusedCall, slot: str, grad: Tensor) -> None:
+    """Apply one gradient of a completed training pass to a recorded call."""
+    recorder.add_injected(call.module_name, grad)
+    old = call.grads.get(slot)
+    call.grads[slot] = grad if old is None else old + grad
+
+
+def _data(x: Tensor | PackedSequence) -> Tensor:
+    return x.data if isinstance(x, PackedSequence) else x
 
 
 FUSED = register(FusedFamily())

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gradwatch._capture.families import Family, register
 from gradwatch._capture.raw import RawCapture
-from gradwatch._capture.recorder import active_recorder
+from gradwatch._capture.recorder import active_recorders
 from gradwatch._capture.steps import (
     Step,
     StepSequence,
@@ -93,6 +93,8 @@ def mark_state(
     whose gradient is reported, and the carried part is measured over all elements. Outside
     a trace, or with gradients disabled, it returns ``(state[0], state)`` unchanged, at no cost.
     Steps with the same name in one forward pass of the traced model form one sequence.
+    The step goes to every trace (and monitor) attached in the calling thread: a trace in
+    another thread does not see it, and nested traces each do.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"gradwatch.mark_state: name must be a non-empty string, got {name!r}")
@@ -101,7 +103,9 @@ def mark_state(
         raise TypeError(
             f"gradwatch.mark_state({name!r}): state must be a tensor or a tuple of tensors"
         )
-    recorder = active_recorder()
-    if recorder is None or not torch.is_grad_enabled() or not parts[0].requires_grad:
+    recorders = active_recorders()  # those of the calling thread: nested traces each get it
+    if not recorders or not torch.is_grad_enabled() or not parts[0].requires_grad:
         return parts[0], state
-    return MARKED.mark(recorder, name, state)
+    for recorder in recorders:
+        MARKED.mark(recorder, name, state)
+    return parts[0], state
