@@ -15,6 +15,7 @@ mon.verdicts                     # {"encoder.rnn": "healthy", ...}
 
 from __future__ import annotations
 
+import weakref
 from types import TracebackType
 from typing import Any
 
@@ -126,7 +127,8 @@ class Monitor:
             history=history,
             warn=self.core.warn,
         )
-        self.model = model
+        self._model: nn.Module | None = model
+        self._model_ref = weakref.ref(model)
         self.scaler = scaler
         self.global_step = 0
         self.core.bind(model, start_step=0)
@@ -198,9 +200,16 @@ class Monitor:
             )
         self.scaler.unscale_(optimizer)
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The watched model (held weakly once the monitor is closed)."""
+        return self._model if self._model is not None else self._model_ref()
+
     def close(self) -> None:
-        """Remove every hook and release everything recorded (idempotent)."""
+        """Remove every hook and release everything recorded (idempotent). The results
+        (`reports`, `verdicts`, `signals`) stay; the model is no longer held."""
         self.core.close()
+        self._model = None
 
     def __enter__(self) -> Monitor:
         return self

@@ -134,7 +134,7 @@ class Recurrence:
         flat = x.reshape(-1, x.shape[-1])
         w_t = self.w.w_ih.t()
         xp = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
-        return xp.view(*x.shape[:-1], -1)
+        return xp.view(*x.shape[:-1], xp.shape[-1])  # explicit: the batch may be empty
 
     # -- what the diagnostics read (the `gradwatch._capture.raw.Walkable` protocol) ---------
     @property

@@ -27,6 +27,8 @@ def step_mean(norms: Tensor, valid: Tensor | None) -> Tensor:
     ``where``, not multiplied by zero, so a non-finite value there cannot leak in, while a
     non-finite value in a valid entry is reported as such. Returns float32 ``[..., T]``.
     """
+    if norms.shape[-1] == 0:  # an empty batch: no sample, nothing measured
+        return norms.new_zeros(norms.shape[:-1], dtype=torch.float32)
     if valid is None:
         return norms.mean(dim=-1).float()
     count = valid.sum(dim=-1).clamp_min(1)

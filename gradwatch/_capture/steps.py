@@ -109,7 +109,13 @@ def _norms(x: Tensor | None, like: Tensor) -> Tensor:
         size = like.shape[0] if like.dim() > 1 else 1
         return torch.zeros(size, dtype=torch.float64, device=like.device)
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return sample_norms(x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1))
+    rows = x.shape[0] if x.dim() > 1 else 1
+    return sample_norms(x.reshape(rows, x[0].numel() if rows and x.dim() > 1 else x.numel()))
+
+
+def _mean(norms: Tensor) -> Tensor:
+    """The batch mean of per-sample norms; zero for an empty batch (no sample measured)."""
+    return norms.mean() if norms.numel() else norms.new_zeros(())
 
 
 def consumes(out: Tensor, source: Tensor, depth: int = 4) -> bool:
@@ -246,18 +252,18 @@ def step_stats(
         received = received or total_h is not None
         n_total = _norms(total_h, like)
         batch[t] = n_total.shape[0]
-        columns["total"].append(n_total.mean())
-        columns["direct"].append(_norms(direct_h, like).mean())
+        columns["total"].append(_mean(n_total))
+        columns["direct"].append(_mean(_norms(direct_h, like)))
         n_carried = _norms(carried_h, like)
         for extra in st.carried[1:]:
             n_carried = torch.hypot(n_carried, _norms(extra, like))
-        columns["carried"].append(n_carried.mean())
+        columns["carried"].append(_mean(n_carried))
         if cell_path is not None:
             dc = st.total_c
             if total_h is not None and not st.c_hook_has_h_path:
                 via_h = cell_path(st, total_h)
                 dc = via_h if dc is None else dc.to(via_h.dtype) + via_h
-            columns["cell_total"].append(_norms(dc, like).mean())
+            columns["cell_total"].append(_mean(_norms(dc, like)))
     device = first.device if first is not None else torch.device("cpu")
     stats = {
         k: (torch.stack([v.to(device) for v in col]) if col else torch.zeros(T, device=device))

@@ -84,6 +84,8 @@ def _trajectory(seq: StepSequence, device: torch.device) -> Recurrences | None:
         real = stacked([st.h for st in steps])
     except RuntimeError:  # steps of different batch sizes
         return None
+    if x.shape[1] == 0:  # an empty batch: no trajectory to walk
+        return None
 
     def weight(name: str) -> Tensor | None:  # as the last step's forward read it
         w = steps[-1].weights.get(name)

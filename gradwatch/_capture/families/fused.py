@@ -77,7 +77,10 @@ def capture_call(call: FusedCall) -> RawCapture:
         fidelity=rep.fidelity,
         fidelity_tolerance=tolerance,
         reasons=tuple(reasons),
-        recurrences=Recurrences(dict(rep.recurrences), rep.valid, rep.lengths, _weight_keys(mod)),
+        # an empty batch (a routing step that sent no sample here) has no trajectory to walk
+        recurrences=None
+        if rep.lengths.numel() == 0
+        else Recurrences(dict(rep.recurrences), rep.valid, rep.lengths, _weight_keys(mod)),
     )
 
 
