@@ -227,7 +227,7 @@ def test_validation_is_not_hooked_and_hooks_are_gone_after_fit():
     assert model.hooks_in_validation and set(model.hooks_in_validation) == {0}
     for mod in model.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
-    assert not tracing._ACTIVE
+    assert not tracing.active_recorders()
     # standalone validation never hooks anything either
     model.hooks_in_validation.clear()
     trainer.validate(model, _data(), verbose=False)

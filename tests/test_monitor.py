@@ -294,7 +294,7 @@ def test_close_removes_every_hook_and_history_is_bounded():
     mon.close()
     for mod in model.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
-    assert not tracing._ACTIVE
+    assert not tracing.active_recorders()
     assert mon.core.session is None
 
 

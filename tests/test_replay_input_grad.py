@@ -22,7 +22,8 @@ def _record(module: nn.RNNBase):
 
     def hook(mod, args, kwargs, output):
         call = record_fused_call("m", "m", mod, args, kwargs, output)
-        for slot, t in output_tensors(output).items():
+        inp = args[0] if args else kwargs["input"]
+        for slot, t in output_tensors("m", mod, inp, output).items():
             t.register_hook(lambda g, slot=slot, call=call: call.grads.__setitem__(slot, g))
         calls.append(call)
 
