@@ -170,9 +170,8 @@ def test_mark_state_goes_to_the_traces_of_the_calling_thread():
 
 def test_nested_traces_each_receive_the_marks():
     model = Marked("custom")
-    with gradwatch.trace(model) as outer:
-        with gradwatch.trace(model) as inner:
-            model(torch.randn(2, 3)).backward()
+    with gradwatch.trace(model) as outer, gradwatch.trace(model) as inner:
+        model(torch.randn(2, 3)).backward()
     a, b = outer.report()["custom"], inner.report()["custom"]
     assert a.steps == b.steps == 4
     torch.testing.assert_close(a.total, b.total)
@@ -270,18 +269,17 @@ def test_subclasses_returning_other_structures_are_measured(cls, batch):
 
 class Weird(nn.GRU):
     def forward(self, x, hx=None):
-        out, h = super().forward(x, hx)
+        out, _ = super().forward(x, hx)
         return [out.sum(-1)]  # nothing recognisable
 
 
 def test_unrecognisable_output_warns_once_naming_the_module_and_what_it_returned():
     model = nn.Sequential(Weird(I, H))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(RuntimeWarning) as rec:
-        with gradwatch.Monitor(model, every_n_steps=1) as mon:
-            for _ in range(3):
-                model(torch.randn(T, B, I))[0].sum().backward()
-                mon.step(opt)
+    with pytest.warns(RuntimeWarning) as rec, gradwatch.Monitor(model, every_n_steps=1) as mon:
+        for _ in range(3):
+            model(torch.randn(T, B, I))[0].sum().backward()
+            mon.step(opt)
     texts = [str(w.message) for w in rec if "gradwatch" in str(w.message)]
     assert len(texts) == 1, texts
     assert "'0'" in texts[0] and "Weird" in texts[0] and "list" in texts[0]

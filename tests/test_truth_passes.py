@@ -64,7 +64,7 @@ def test_only_autograd_grad_says_that_no_training_pass_ran():
     model, x, loss_fn = _setup()
     with gradwatch.trace(model) as tr:
         torch.autograd.grad(_loss_of(model, x, loss_fn), x)
-    with pytest.raises(gradwatch.BackwardNotRunError, match="torch.autograd.grad"):
+    with pytest.raises(gradwatch.BackwardNotRunError, match=r"torch\.autograd\.grad"):
         tr.report()
 
 

@@ -69,7 +69,7 @@ class WeightDrop(nn.LSTM):
 
     def forward(self, x, hx=None):
         w = nn.functional.dropout(self.weight_hh_raw, self.p, self.training)
-        setattr(self, "weight_hh_l0", w)
+        self.weight_hh_l0 = w
         return super().forward(x, hx)
 
 

@@ -57,6 +57,7 @@ def test_values_are_after_a_user_hook_registered_after_the_forward(where):
 def test_values_are_after_a_user_hook_registered_before_gradwatch():
     torch.manual_seed(1)
     rnn = nn.GRU(I, H)
+
     # a forward hook the user registered before watching: it hooks the output gradient
     def user_forward_hook(module, args, out):
         out[0].register_hook(_clamp)

@@ -149,8 +149,10 @@ def split_output(
         state = output[1]
         if isinstance(state, Tensor):
             return output[0], state, None
-        if isinstance(state, tuple) and len(state) == 2 and all(
-            isinstance(t, Tensor) for t in state
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and all(isinstance(t, Tensor) for t in state)
         ):
             return output[0], state[0], state[1]
     leaves = _leaves(output)

@@ -16,6 +16,7 @@ follow them:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable
@@ -77,17 +78,15 @@ class _Sweeper:
         for ref in self.copies:
             module = ref()
             if module is not None:
-                try:
+                with contextlib.suppress(Exception):  # never break a user's copy
                     strip_orphans(module)
-                except Exception:  # never break a user's copy
-                    pass
 
 
 class WeakHook:
     """A module hook calling ``fn(recorder, *bound, module, *hook_args)`` while the
     recorder lives, on ``module`` only (not on shallow copies sharing its dictionaries)."""
 
-    __slots__ = ("_bound", "_fn", "_module", "_recorder", "__weakref__")
+    __slots__ = ("__weakref__", "_bound", "_fn", "_module", "_recorder")
 
     def __init__(self, recorder: Any, module: nn.Module, fn: Callable[..., Any], *bound: Any):
         self._recorder = weakref.ref(recorder)

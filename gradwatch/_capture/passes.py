@@ -81,15 +81,13 @@ class PassClassifier:
     def _trains(self, first: Iterable[Tensor]) -> bool:
         if current_task() == -1:  # not in a pass (a hook called by hand): count it
             return True
+        seen: set[int] = set()
+        for p in first:  # usually decides at the first parameter
+            seen.add(id(p))
+            if _will_accumulate(p):
+                return True
         model = self._model()
         params = [] if model is None else [p for p in model.parameters() if p.requires_grad]
         if not params:  # nothing to train: every pass describes the model's gradients
             return True
-        seen: set[int] = set()
-        for p in (*first, *params):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if _will_accumulate(p):
-                return True
-        return False
+        return any(_will_accumulate(p) for p in params if id(p) not in seen)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 
-from gradwatch._capture.families import Family, Record, family_of
+from gradwatch._capture.families import Family, Record
 from gradwatch._capture.hooks import WeakHook, active_here, attach_here, detach_here
 from gradwatch._capture.passes import PassClassifier, in_backward
 from gradwatch._capture.raw import RawCapture
@@ -273,9 +273,7 @@ class Recorder:
             self._queued.add(running.task)
             # Runs once the whole pass is done: every output gradient has arrived and the
             # weights are still those of the forward pass (no optimizer step yet).
-            Variable._execution_engine.queue_callback(
-                partial(self._end_of_backward, running.task)
-            )
+            Variable._execution_engine.queue_callback(partial(self._end_of_backward, running.task))
 
     def gradient_arrived(self, record: Record) -> None:
         """Capture ``record`` after this backward pass (kept for families that store their
@@ -424,9 +422,9 @@ class Recorder:
         final = self.final_names()
         if complete and self._backward_seen:
             for record, family in self._records:
-                if record.name in final and record.name not in self._results:
-                    if record.name not in self._failures:
-                        self._capture_one(record, family)
+                name = record.name
+                if name in final and name not in self._results and name not in self._failures:
+                    self._capture_one(record, family)
         results = {}
         for record, _ in self._records:
             if record.name in final and record.name in self._results:

@@ -10,6 +10,7 @@ gradient contributions, and with it the last bits of the parameter gradients.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -87,10 +88,9 @@ class StepSequence:
         def fn(grad: Tensor | None) -> None:
             if grad is None:  # an unused output of a multi-output node
                 return
-            try:
+            # monitoring must never crash training: on an error the step reads zero
+            with contextlib.suppress(Exception):
                 self.receive(partial(store, grad.detach().clone()))
-            except Exception:  # monitoring must never crash training: the step reads zero
-                pass
 
         self.handles.append(observe_gradient(tensor, fn))
 
@@ -195,7 +195,11 @@ def graph_bound(tensors: tuple[Tensor, ...]) -> int:
 
 def _on_carried(seq: StepSequence, prev: Step, edges, grad_inputs, grad_outputs) -> None:
     try:
-        got = [(slot, grad_inputs[k].detach().clone()) for k, slot in edges if grad_inputs[k] is not None]
+        got = [
+            (slot, grad_inputs[k].detach().clone())
+            for k, slot in edges
+            if grad_inputs[k] is not None
+        ]
         seq.receive(partial(_add_carried, prev, got))
     except Exception:  # monitoring must never crash training: the step reads zero
         pass

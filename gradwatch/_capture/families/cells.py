@@ -19,7 +19,6 @@ from gradwatch._capture.families import Family, register
 from gradwatch._capture.raw import RawCapture, Recurrences
 from gradwatch._capture.recurrences import LayerWeights, make_recurrence
 from gradwatch._capture.stats import relative_deviation
-from gradwatch._capture.weights import ParametrizedOutputs, forward_weight, raw_parameter
 from gradwatch._capture.steps import (
     Step,
     StepSequence,
@@ -29,6 +28,7 @@ from gradwatch._capture.steps import (
     hook_step,
     step_stats,
 )
+from gradwatch._capture.weights import ParametrizedOutputs, forward_weight, raw_parameter
 
 if TYPE_CHECKING:
     from gradwatch._capture.recorder import Recorder
