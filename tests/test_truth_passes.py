@@ -240,3 +240,44 @@ def test_call_unused_by_a_trained_forward_is_still_reported_as_zeros():
     assert list(rep) == ["rnn", "rnn#1"]
     assert rep["rnn"].received_gradient is False and float(rep["rnn"].total.abs().max()) == 0
     assert rep["rnn#1"].received_gradient is True
+
+
+class CellBlock(nn.Module):
+    """An LSTMCell loop, optionally under checkpointing."""
+
+    def __init__(self, ckpt: str) -> None:
+        super().__init__()
+        self.inp = nn.Linear(I, I)
+        self.cell = nn.LSTMCell(I, H)
+        self.head = nn.Linear(H, 1)
+        self.ckpt = ckpt
+
+    def _loop(self, e):
+        state, outs = None, []
+        for t in range(e.shape[0]):
+            state = self.cell(e[t], state)
+            outs.append(state[0])
+        return torch.stack(outs)
+
+    def forward(self, x):
+        e = self.inp(x)
+        if self.ckpt == "none":
+            return self.head(self._loop(e)).sum()
+        out = checkpoint(self._loop, e, use_reentrant=self.ckpt == "reentrant")
+        return self.head(out).sum()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("ckpt", ["non_reentrant", "reentrant"])
+def test_activation_checkpointing_of_a_cell_loop_adds_no_sequence(ckpt):
+    def run(mode):
+        torch.manual_seed(9)
+        model = CellBlock(mode)
+        with gradwatch.trace(model) as tr:
+            model(torch.randn(T, B, I)).backward()
+        return tr.report()
+
+    plain, ckpted = run("none"), run(ckpt)
+    assert list(ckpted) == list(plain) == ["cell"]
+    for f in ("total", "direct", "carried", "cell_total"):
+        torch.testing.assert_close(getattr(ckpted["cell"], f), getattr(plain["cell"], f))
