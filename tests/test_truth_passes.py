@@ -96,7 +96,7 @@ def test_gradient_penalty_is_flagged_not_exact_with_the_reason(where):
     assert "second-order" in m.approximate_reason
 
 
-@pytest.mark.filterwarnings("ignore:Using backward\(\) with create_graph=True")
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True")
 def test_backward_with_create_graph_alone_stays_exact():
     torch.backends.mkldnn.enabled = False
     try:
