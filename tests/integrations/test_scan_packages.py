@@ -168,6 +168,5 @@ def test_unsupported_configuration_is_named(package):
         from transformers import MambaConfig, MambaModel
 
         body = MambaModel(MambaConfig(hidden_size=WIDTH, num_hidden_layers=1, use_mambapy=False))
-    with pytest.raises(gradwatch.UnsupportedModuleError, match="mark_scan"):
-        with gradwatch.trace(body):
-            pass
+    with pytest.raises(gradwatch.UnsupportedModuleError, match="mark_scan"), gradwatch.trace(body):
+        pass
