@@ -289,3 +289,18 @@ def test_bad_declarations_name_the_scan_and_the_argument(kwargs, message):
     args = {"a": torch.rand(2, 5, 3), "u": torch.rand(2, 5, 3), **kwargs}
     with pytest.raises((TypeError, ValueError), match=message):
         gradwatch.mark_scan("ssm", **args)
+
+
+def test_scalars_publish_the_transition_not_the_weight_fields():
+    from gradwatch._outputs.scalars import module_scalars
+
+    a = torch.full((2, 20, 4), 0.8, dtype=torch.float64)
+    u = torch.randn(2, 20, 4, dtype=torch.float64, requires_grad=True)
+    with gradwatch.trace(torch.nn.Linear(1, 1)) as tr:
+        h = scan_sequential(a, u)
+        gradwatch.mark_scan("ssm", a, u, h)
+        h[:, -1].sum().backward()
+    tags = module_scalars(tr.report()["ssm"])
+    mean = [v for k, v in tags.items() if k.endswith("transition_mean")]
+    assert mean == [pytest.approx(0.8)]
+    assert not any("weight_norm" in k or "act_derivative" in k for k in tags)
