@@ -11,7 +11,7 @@ from gradwatch._base.errors import (
     NoRecurrentModuleError,
     UnsupportedModuleError,
 )
-from gradwatch._capture import mark_state
+from gradwatch._capture import mark_scan, mark_state
 from gradwatch._engine.trace import Trace, trace
 
 __version__ = "0.1.0.dev0"
@@ -51,6 +51,7 @@ __all__ = [
     "Trace",
     "UnsupportedModuleError",
     "__version__",
+    "mark_scan",
     "mark_state",
     "trace",
 ]

@@ -151,3 +151,13 @@ def test_plain_pytorch(run_example):
         assert "train/loss" in tags
         assert "gradwatch/gru/l0d0/horizon" in tags
         assert len(tags["gradwatch/gru/l0d0/horizon"]) == run["reports"]
+
+
+def test_selective_copy_verdicts_follow_the_transition(run_example):
+    out = run_example("selective_copy")
+    good, bad = out["good"], out["bad"]
+    assert good["verdict"] == "healthy" and bad["verdict"] == "vanishing"
+    assert good["transition_mean"] > 0.95 > 0.5 > bad["transition_mean"]
+    # the horizon follows from the transition: about ln(0.01) / ln(mean |a|)
+    assert good["horizon"] > 64 > 10 > bad["horizon"]
+    assert "transition |a_t| averages" in bad["explanation"]

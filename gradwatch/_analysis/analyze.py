@@ -8,6 +8,8 @@ to the host in one copy, and the report is diagnosed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,7 @@ from gradwatch._analysis.quantities import (
     to_host,
 )
 from gradwatch._analysis.quantities.causes import MAX_SAMPLED_STEPS
+from gradwatch._analysis.quantities.diagonal import transition_quantities
 from gradwatch._analysis.report import Causes, ModuleReport, covered_length
 from gradwatch._analysis.verdicts import Thresholds, diagnose
 from gradwatch._capture.raw import RawCapture
@@ -31,6 +34,8 @@ _CAUSE_FIELDS = ("weight_norm", "weight_radius", "pascanu_bound", "act_derivativ
 
 def _device_quantities(raw: RawCapture, options: QuantityOptions) -> dict[str, Tensor]:
     """Every quantity of the capture, as device tensors (nothing read back yet)."""
+    if raw.transition is not None:
+        return transition_quantities(raw.transition, raw.stats, options)
     rec = raw.recurrences
     if rec is None:
         return stepwise_quantities(raw.stats)
@@ -43,6 +48,10 @@ def _device_quantities(raw: RawCapture, options: QuantityOptions) -> dict[str, T
 
 
 def _causes(q: dict[str, Tensor]) -> Causes | None:
+    transition = {k.split("/", 1)[1]: v for k, v in q.items() if k.startswith("transition/")}
+    if transition:  # a diagonal scan: no weight matrix, no nonlinearity
+        nan = torch.full_like(next(iter(transition.values())), math.nan)
+        return Causes(**dict.fromkeys(_CAUSE_FIELDS, nan), transition=transition)
     if "weight_norm" not in q:
         return None
     gates = {k.split("/", 1)[1]: v for k, v in q.items() if k.startswith("gate_mean/")}
@@ -59,9 +68,11 @@ def _causes(q: dict[str, Tensor]) -> Causes | None:
 def _exactness(raw: RawCapture, fidelity: float) -> list[str]:
     reasons = list(raw.reasons)
     tolerance = raw.fidelity_tolerance
-    if tolerance is not None and fidelity > tolerance:
+    if tolerance is not None and not fidelity <= tolerance:
         reasons.append(
-            f"the replay deviates from the module's real outputs by {fidelity:.1e} "
+            raw.fidelity_reason.format(fidelity=fidelity, tolerance=tolerance)
+            if raw.fidelity_reason
+            else f"the replay deviates from the module's real outputs by {fidelity:.1e} "
             "(relative); does a subclass change the forward computation?"
         )
     return reasons

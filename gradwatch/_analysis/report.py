@@ -46,6 +46,12 @@ class Causes:
         gate_saturation: Fraction of gate values outside ``[0.1, 0.9]``, by gate name.
         forget_bias: LSTM only: mean effective forget bias ``b_if + b_hf``.
         sampled_steps: How many timesteps the trajectory statistics were computed on.
+        transition: Diagonal linear recurrences (kind ``"scan"``) only: the repeated factor
+            ``|a_t|`` over batch, time and state: ``"mean"``, ``"spread"`` (standard
+            deviation), ``"near_zero"`` (fraction below 0.1), ``"near_one"`` (above 0.99),
+            ``"above_one"`` (above 1), and where the model has them ``"step_size"`` (mean Δ)
+            and ``"input_gate"`` (mean input gate). The weight and activation fields are NaN
+            for this family: its factor has no weight matrix and no nonlinearity.
     """
 
     weight_norm: Tensor
@@ -57,6 +63,7 @@ class Causes:
     gate_saturation: dict[str, Tensor] = field(default_factory=dict)
     forget_bias: Tensor | None = None
     sampled_steps: int = 0
+    transition: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ PROBLEM_VERDICTS: tuple[Verdict, ...] = VERDICTS[1:]
 
 FusedKind = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 CellKind = Literal["LSTMCell", "GRUCell", "RNNCell"]
-Kind = Literal[FusedKind, CellKind, "custom"]
+Kind = Literal[FusedKind, CellKind, "custom", "scan"]
 FUSED_KINDS: tuple[FusedKind, ...] = get_args(FusedKind)
 CELL_KINDS: tuple[CellKind, ...] = get_args(CellKind)
-KINDS: tuple[str, ...] = (*FUSED_KINDS, *CELL_KINDS, "custom")
+KINDS: tuple[str, ...] = (*FUSED_KINDS, *CELL_KINDS, "custom", "scan")
 GATED_KINDS = frozenset({"LSTM", "GRU", "LSTMCell", "GRUCell"})
 LSTM_KINDS = frozenset({"LSTM", "LSTMCell"})
 GRU_KINDS = frozenset({"GRU", "GRUCell"})
@@ -53,6 +53,8 @@ Cause = Literal[
     "forget_gate",
     "update_gate",
     "large_recurrent_weight",
+    "transition_decay",
+    "transition_growth",
     "nonfinite",
     "none",
 ]

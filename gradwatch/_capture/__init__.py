@@ -7,7 +7,8 @@ them into reports. One `Recorder` hooks a model; each kind of recurrence is a fa
 
 from gradwatch._capture.families import Family, register, registered
 from gradwatch._capture.families.marked import mark_state
-from gradwatch._capture.raw import RawCapture, Recurrences, Walkable
+from gradwatch._capture.families.scan import mark_scan
+from gradwatch._capture.raw import RawCapture, Recurrences, Transition, Walkable
 from gradwatch._capture.recorder import Recorder, active_recorder
 from gradwatch._capture.selection import (
     Selection,
@@ -25,8 +26,10 @@ __all__ = [
     "Selection",
     "Selector",
     "Selectors",
+    "Transition",
     "Walkable",
     "active_recorder",
+    "mark_scan",
     "mark_state",
     "normalize_selectors",
     "register",

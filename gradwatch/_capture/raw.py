@@ -15,7 +15,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["RawCapture", "Recurrences", "Walkable"]
+__all__ = ["RawCapture", "Recurrences", "Transition", "Walkable"]
 
 Source = Literal["replay", "hooks"]
 
@@ -99,6 +99,20 @@ class Recurrences:
 
 
 @dataclass
+class Transition:
+    """The transition of a diagonal linear recurrence ``h_t = a_t ⊙ h_{t-1} + u_t``.
+
+    ``log_abs_a`` is ``log |a_t|`` as ``[B, T, S]`` (state flattened; ``-inf`` where
+    ``a_t = 0``); ``step`` (Δ) and ``input_gate`` are the model's own, where it has them.
+    Device tensors.
+    """
+
+    log_abs_a: Tensor
+    step: Tensor | None = None
+    input_gate: Tensor | None = None
+
+
+@dataclass
 class RawCapture:
     """One recurrent module call as captured: per-step statistics, exactness facts, and the
     recorded recurrence. Nothing in it is diagnosed.
@@ -120,6 +134,10 @@ class RawCapture:
         fidelity_tolerance: Above it the values are not exact; ``None``: not checked.
         reasons: Why the values are not exact, known without reading any value.
         recurrences: The recorded recurrence, ``None`` where the step equations are unknown.
+        transition: For a diagonal linear recurrence, its transition (the propagation and
+            the causes follow from it in closed form); ``recurrences`` is then ``None``.
+        fidelity_reason: The reason given when ``fidelity`` exceeds its tolerance, with
+            ``{fidelity}`` and ``{tolerance}`` fields; ``None``: the replay's wording.
     """
 
     name: str
@@ -136,6 +154,8 @@ class RawCapture:
     fidelity_tolerance: float | None = None
     reasons: tuple[str, ...] = ()
     recurrences: Recurrences | None = None
+    transition: Transition | None = None
+    fidelity_reason: str | None = None
 
     @property
     def device(self) -> torch.device:

@@ -162,7 +162,10 @@ def module_scalars(m: ModuleReport, *, prefix: str = PREFIX) -> dict[str, float]
         per_ld["horizon_fraction"] = torch.clamp(m.horizon.double() / seq_len, max=1.0)
     per_ld.update(profile_stats(m))
     c = m.causes
-    if c is not None:
+    if c is not None and c.transition:  # a diagonal scan: its factor is the transition
+        for key, value in c.transition.items():
+            per_ld[f"transition_{safe_name(key)}"] = value
+    elif c is not None:
         per_ld["weight_norm"] = c.weight_norm
         per_ld["weight_radius"] = c.weight_radius
         if m.kind not in GATED_KINDS:  # the bound is NaN by definition for gated cells

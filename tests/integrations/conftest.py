@@ -22,7 +22,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Also registered in pyproject.toml; registering here too keeps --strict-markers happy
     # when this folder is run on its own with another configuration.
     config.addinivalue_line(
-        "markers", "integrations: tests with darts, pytorch-forecasting and neuralforecast"
+        "markers",
+        "integrations: tests with darts, pytorch-forecasting, neuralforecast and scan packages",
     )
 
 

@@ -96,6 +96,8 @@ def _cause(
             "of its gradient per step directly; the rest goes through the candidate",
             {"update_gate": z},
         )
+    if kind == "scan":
+        return _scan_cause(c, verdict, layer, d)
     act = "ReLU" if kind == "RNN_RELU" else "tanh"
     weights = {"weight_norm": norm, "weight_radius": radius, "act_derivative": deriv}
     if verdict == "exploding":
@@ -135,4 +137,33 @@ def _cause(
         f"the recurrent weight's spectral radius is {radius:.3g} (mean {act} derivative "
         f"{deriv:.2f}): the repeated factor is below 1",
         {"weight_radius": radius, "act_derivative": deriv},
+    )
+
+
+def _scan_cause(
+    c: Causes | None, verdict: str, layer: int, d: int
+) -> tuple[Cause, str, dict[str, float]]:
+    """A diagonal linear recurrence: the repeated factor is the transition |a_t| itself."""
+    t = {} if c is None else {k: float(v[layer, d]) for k, v in c.transition.items()}
+    mean, spread = t.get("mean", math.nan), t.get("spread", math.nan)
+    extra = ""
+    if "step_size" in t:
+        extra += f"; mean step size Δ {t['step_size']:.3g}"
+    if "input_gate" in t:
+        extra += f"; mean input gate {t['input_gate']:.2f}"
+    if verdict == "exploding":
+        return (
+            "transition_growth",
+            f"{100 * t.get('above_one', math.nan):.0f}% of the transition values |a_t| exceed "
+            f"1 (mean {mean:.3g}, spread {spread:.2g}), so the state and its gradient grow at "
+            f"each step{extra}",
+            t,
+        )
+    return (
+        "transition_decay",
+        f"the transition |a_t| averages {mean:.3g} (spread {spread:.2g}); "
+        f"{100 * t.get('near_one', math.nan):.0f}% of its values are above 0.99 and "
+        f"{100 * t.get('near_zero', math.nan):.0f}% below 0.1, so each step keeps only that "
+        f"fraction of the gradient{extra}",
+        t,
     )

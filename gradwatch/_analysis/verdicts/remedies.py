@@ -34,12 +34,13 @@ GATED_CELL = Remedy(
     "gated",
     "use a gated cell (nn.LSTM or nn.GRU): its additive state path carries the gradient "
     "without a repeated multiplication by W_hh and tanh'",
-    never=GATED_KINDS,
+    never=GATED_KINDS | {"scan"},
 )
 ORTHOGONAL = Remedy(
     "init",
     "initialise the recurrent weight orthogonally (nn.init.orthogonal_ on weight_hh), or as "
     "the identity for a ReLU RNN (IRNN), so its spectral norm starts at 1",
+    never=frozenset({"scan"}),
 )
 FORGET_BIAS = Remedy(
     "forget",
@@ -74,6 +75,27 @@ SPECTRAL = Remedy(
     "init",
     "keep the recurrent weight's spectral norm near 1 (orthogonal initialisation, "
     "spectral or weight normalisation)",
+    never=frozenset({"scan"}),
+)
+# Diagonal linear recurrences (kind "scan": SSMs, minGRU, LRU): the factor is a_t itself.
+TRANSITION_INIT = Remedy(
+    "init",
+    "initialise the transition closer to 1: for Mamba/S4D a smaller step size (lower "
+    "dt_min/dt_max, i.e. the dt_proj bias) or smaller A; for minGRU/LRU a gate bias or "
+    "eigenvalue radius that keeps the state (|a_t| near 1)",
+    only=frozenset({"scan"}),
+)
+TIMESCALES = Remedy(
+    "timescales",
+    "spread the state dimensions over a range of timescales (e.g. |a| from 0.9 to 0.999, "
+    "LRU ring initialisation) so some of them remember long enough",
+    only=frozenset({"scan"}),
+)
+BOUNDED_TRANSITION = Remedy(
+    "bounded",
+    "keep |a_t| <= 1 by construction: a = exp(-softplus(.)) or exp(-exp(A_log) * delta) "
+    "instead of a free value",
+    only=frozenset({"scan"}),
 )
 NONFINITE_INPUT = Remedy(
     "nan",
@@ -90,9 +112,11 @@ REMEDIES: dict[str, tuple[Remedy, ...]] = {
     "forget_gate": (FORGET_BIAS, ORTHOGONAL),
     "update_gate": (UPDATE_BIAS, ORTHOGONAL),
     "large_recurrent_weight": (CLIP, SPECTRAL, LOWER_LR, TRUNCATE),
+    "transition_decay": (TRANSITION_INIT, TIMESCALES, TRUNCATE),
+    "transition_growth": (BOUNDED_TRANSITION, CLIP, LOWER_LR),
     "nonfinite": (CLIP, LOWER_LR, NONFINITE_INPUT, AMP),
-    "vanishing": (GATED_CELL, FORGET_BIAS, UPDATE_BIAS, ORTHOGONAL),
-    "exploding": (CLIP, SPECTRAL, LOWER_LR, TRUNCATE),
+    "vanishing": (GATED_CELL, FORGET_BIAS, UPDATE_BIAS, ORTHOGONAL, TRANSITION_INIT),
+    "exploding": (CLIP, SPECTRAL, LOWER_LR, TRUNCATE, BOUNDED_TRANSITION),
 }
 
 _TOPIC = {r.text: r.topic for rs in REMEDIES.values() for r in rs}
