@@ -375,7 +375,9 @@ def measure(row: Row, kwargs: dict[str, Any], pairs: int, window_s: float, warmu
     win = next(c for c in ran if isinstance(c, _Windows))
     on, ref = win.windows()
     low, high = _bootstrap(on, ref)
-    off = [b - a for a, b, k in zip(win.marks, win.marks[1:], win.kinds, strict=False) if k == "off"]
+    off = [
+        b - a for a, b, k in zip(win.marks, win.marks[1:], win.kinds, strict=False) if k == "off"
+    ]
     return Cell(
         ratio=sum(on) / sum(ref),
         low=low,
