@@ -7,6 +7,7 @@ arithmetic is checked against closed forms.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -113,7 +114,7 @@ def test_signals_that_cost_more_than_their_share_get_a_stride():
     # quiet + (signal - quiet) / k <= 32 us  =>  k >= 96 / 28 => 4
     assert s.overhead().signal_stride == 4
     late = [t for t in loop.signalled if t > 1000]
-    assert {b - a for a, b in zip(late, late[1:], strict=False)} <= {4}
+    assert {b - a for a, b in itertools.pairwise(late)} <= {4}
 
 
 def test_cheap_signals_are_computed_every_step():
