@@ -1,0 +1,169 @@
+"""The overhead budget's scheduler, driven by a simulated training loop (no real timing).
+
+The simulation gives every step a training time and gradwatch's work a fixed cost (signals,
+a capture), exactly as the monitor core reports them to the scheduler, so the budget's
+arithmetic is checked against closed forms.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from gradwatch._engine.budget import BudgetScheduler
+
+
+class Loop:
+    """A training loop whose steps take ``train`` seconds; gradwatch's signals cost
+    ``signal`` and a capture ``capture`` seconds, a step without signals ``quiet``."""
+
+    def __init__(
+        self,
+        scheduler: BudgetScheduler,
+        *,
+        train: float = 3.2e-3,
+        signal: float = 20e-6,
+        capture: float = 10e-3,
+        quiet: float = 2e-6,
+    ) -> None:
+        self.s = scheduler
+        self.train, self.signal, self.capture, self.quiet = train, signal, capture, quiet
+        self.step = 0
+        self.captured: list[int] = []
+        self.signalled: list[int] = []
+        self.first = True
+        self._capture_next = False
+        self._signals_next = True
+
+    def run(self, steps: int, forced: set[int] = frozenset()) -> None:
+        for _ in range(steps):
+            captured = self._capture_next or self.step in forced
+            signals = self._signals_next or captured
+            own = self.capture if captured else (self.signal if signals else self.quiet)
+            interval = None if self.first else self.train + own
+            self.first = False
+            self.s.record(interval, own, captured=captured, signals=signals)
+            if captured:
+                self.captured.append(self.step)
+            if signals:
+                self.signalled.append(self.step)
+            self.step += 1
+            self._capture_next = self.s.capture_next(self.step)
+            self._signals_next = self.s.signals_next()
+
+
+def test_captures_are_spaced_to_keep_the_spent_time_within_the_budget():
+    s = BudgetScheduler(0.02)
+    loop = Loop(s)
+    loop.run(20_000)
+    o = s.overhead()
+    # closed form: per step 20 us of signals (0.625% of 3.2 ms); the rest of the 2% pays
+    # for 10 ms captures: one every 10e-3 / (0.02 * 3.2e-3 - 20e-6) = 227 steps
+    assert o.fraction <= 0.02
+    assert o.fraction == pytest.approx(0.02, rel=0.02)
+    gaps = {b - a for a, b in zip(loop.captured[1:], loop.captured[2:], strict=False)}
+    assert gaps <= {226, 227, 228}, gaps
+    assert o.captures == len(loop.captured)
+    assert o.spent_s == pytest.approx(len(loop.captured) * 10e-3 + (20_000 - o.captures) * 20e-6)
+    assert o.training_s == pytest.approx(19_999 * 3.2e-3)  # the first interval has no start
+    assert o.signal_stride == 1
+
+
+def test_the_first_capture_waits_until_the_budget_pays_for_its_prior_estimate():
+    s = BudgetScheduler(0.02, prior_capture=4.0)
+    loop = Loop(s, signal=0.0, quiet=0.0)
+    loop.run(400)
+    # prior: 4 steps of training time; the budget holds that after 4 / 0.02 = 200 steps
+    # of training (the first interval counts none, the step to capture counts)
+    assert loop.captured[0] == pytest.approx(200, abs=1)
+    assert s.overhead().fraction <= 0.02 + 1e-12
+
+
+def test_the_estimate_follows_the_measured_capture_cost():
+    s = BudgetScheduler(0.02, prior_capture=1.0)  # the prior underestimates (1 step)
+    loop = Loop(s, signal=0.0, quiet=0.0, capture=16e-3)  # a capture costs 5 steps
+    loop.run(5000)
+    first, second, third = loop.captured[:3]
+    assert first == 50  # 3.2 ms / (0.02 * 3.2 ms)
+    # the first capture overspent: the next waits until the budget holds both (32 ms:
+    # 500 steps), the following ones come every 16 ms / (0.02 * 3.2 ms) = 250 steps
+    assert second == pytest.approx(500, abs=2)
+    assert third - second == pytest.approx(250, abs=2)
+    assert s.overhead().fraction <= 0.02
+
+
+def test_forced_captures_happen_at_once_and_are_paid_from_the_budget():
+    forced = {300, 301, 302, 303}
+    s = BudgetScheduler(0.02)
+    loop = Loop(s, signal=0.0, quiet=0.0, capture=16e-3)
+    loop.run(3000, forced=forced)
+    assert forced <= set(loop.captured)
+    after = [c for c in loop.captured if c > 303]
+    # four captures of 5 steps each borrowed 20 steps * 50 = 1000 steps of budget
+    assert after[0] >= 303 + 4 * 250 - 300 + 1, loop.captured
+    assert s.overhead().fraction <= 0.02 + 16e-3 / (3000 * 3.2e-3)
+
+
+def test_signals_that_cost_more_than_their_share_get_a_stride():
+    # signals may use 1% of a 3.2 ms step: 32 us (no capture after the first step here)
+    s = BudgetScheduler(0.02, every_n_steps=10**9)
+    loop = Loop(s, signal=100e-6, quiet=4e-6)
+    loop.run(2000)
+    # quiet + (signal - quiet) / k <= 32 us  =>  k >= 96 / 28 => 4
+    assert s.overhead().signal_stride == 4
+    late = [t for t in loop.signalled if t > 1000]
+    assert {b - a for a, b in itertools.pairwise(late)} <= {4}
+
+
+def test_cheap_signals_are_computed_every_step():
+    s = BudgetScheduler(0.02, every_n_steps=10**9)
+    loop = Loop(s, signal=30e-6, quiet=2e-6)
+    loop.run(500)
+    assert s.overhead().signal_stride == 1
+    assert loop.signalled == list(range(500))
+
+
+def test_a_fixed_schedule_overrides_the_budget():
+    s = BudgetScheduler(0.02, every_n_steps=10)
+    loop = Loop(s)
+    loop.run(100)
+    assert loop.captured == list(range(10, 100, 10))  # step 0 is the owner's first plan
+    assert s.capture_next(0) and s.capture_next(100) and not s.capture_next(101)
+    assert s.overhead().fraction > 0.02  # reported, not enforced
+
+
+def test_no_budget_means_every_step_has_signals():
+    s = BudgetScheduler(None, every_n_steps=100)
+    loop = Loop(s, signal=1e-3, quiet=0.0)
+    loop.run(300)
+    assert loop.signalled == list(range(300))
+    assert s.overhead().budget is None
+    assert "no budget" in s.overhead().describe()
+
+
+def test_intervals_without_a_start_add_no_training_time():
+    s = BudgetScheduler(0.02)
+    s.record(None, 1e-3, captured=False, signals=True)
+    s.record(0.1, 1e-3, captured=False, signals=True)
+    s.record(None, 1e-3, captured=False, signals=True)  # after a validation loop
+    o = s.overhead()
+    assert o.training_s == pytest.approx(0.099)
+    assert o.spent_s == pytest.approx(3e-3)
+    assert o.fraction == pytest.approx(3e-3 / 0.099)
+    assert not BudgetScheduler(0.02).capture_next(0)  # nothing measured: nothing to pay with
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, True, "2%", math.nan])
+def test_a_bad_budget_is_refused_with_its_name(bad):
+    with pytest.raises(ValueError, match="overhead_budget"):
+        BudgetScheduler(bad)
+
+
+def test_the_summary_line_says_what_was_spent():
+    s = BudgetScheduler(0.02)
+    s.record(None, 0.0, captured=False, signals=True)
+    s.record(1.0, 0.01, captured=True, signals=True)
+    line = s.overhead().describe()
+    assert "1.01%" in line and "budget 2.0%" in line and "1 captures" in line
