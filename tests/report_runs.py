@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -26,6 +27,13 @@ from torch.utils.tensorboard import SummaryWriter
 import gradwatch
 from gradwatch._clipping import NormClip
 from gradwatch._outputs.panels import PanelWriter
+
+
+class Run(NamedTuple):
+    logdir: Path
+    reports: dict  # {step: Report} as the monitor produced them
+    clipped_steps: list[int]
+
 
 SEQ_LEN = 60
 STEPS = 8
@@ -64,7 +72,7 @@ class Seq(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def lightning_run(root: Path, kind: str, *, clip: bool, prefix: str = "") -> tuple[Path, dict]:
+def lightning_run(root: Path, kind: str, *, clip: bool, prefix: str = "") -> Run:
     name = "vanishing" if kind == "RNN" else "healthy"
     logger = TensorBoardLogger(str(root), name=name, prefix=prefix)
     gw = gradwatch.GradWatch(
@@ -88,10 +96,11 @@ def lightning_run(root: Path, kind: str, *, clip: bool, prefix: str = "") -> tup
     y = torch.cat([b[1] for b in _batches()])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     trainer.fit(Seq(kind), train_dataloaders=loader)
-    return Path(logger.log_dir), dict(gw.reports)
+    clipped = [e.step for e in gw.clip_events if e.clipped]
+    return Run(Path(logger.log_dir), dict(gw.reports), clipped)
 
 
-def monitor_run(root: Path, nan_step: int = 3) -> tuple[Path, dict]:
+def monitor_run(root: Path, nan_step: int = 3) -> Run:
     """Plain loop with Monitor + PanelWriter; the loss of step ``nan_step`` is NaN."""
     torch.manual_seed(0)
     model = nn.GRU(2, 6, batch_first=True)
@@ -119,10 +128,10 @@ def monitor_run(root: Path, nan_step: int = 3) -> tuple[Path, dict]:
             if step != nan_step:
                 opt.step()
     writer.close()
-    return logdir, reports
+    return Run(logdir, reports, [])
 
 
-def make_runs(root: Path) -> dict[str, tuple[Path, dict]]:
+def make_runs(root: Path) -> dict[str, Run]:
     return {
         "vanishing": lightning_run(root / "lightning", "RNN", clip=False),
         "healthy": lightning_run(root / "lightning", "LSTM", clip=True, prefix="lstm"),
@@ -141,3 +150,13 @@ def truncate_copy(source: Path, target: Path, keep: float = 0.6) -> Path:
             data = data[: int(len(data) * keep)]
         (target / f.name).write_bytes(data)
     return target / files[-1].name
+
+
+_CACHE: dict[str, Run] = {}
+
+
+def shared_runs(tmp_path_factory) -> dict[str, Run]:
+    """`make_runs` once per test session (the report test modules share it)."""
+    if not _CACHE:
+        _CACHE.update(make_runs(tmp_path_factory.mktemp("report_runs")))
+    return _CACHE

@@ -8,7 +8,18 @@ from typing import Any
 
 from gradwatch._report.model import LaneSummary, ModuleSummary, RunSummary
 
-__all__ = ["best_marks", "compare_text", "fmt_gain", "fmt_horizon", "report_text", "steps_text"]
+__all__ = [
+    "HEADER",
+    "best_marks",
+    "compare_rows",
+    "compare_text",
+    "fmt_gain",
+    "fmt_horizon",
+    "module_rows",
+    "report_text",
+    "run_notes",
+    "steps_text",
+]
 
 _ANSI = {
     "healthy": "\033[32m",
@@ -63,7 +74,7 @@ def _cause(m: ModuleSummary) -> str:
     return m.cause if m.cause_step == m.last_step else f"{m.cause} (step {m.cause_step})"
 
 
-def _rows(m: ModuleSummary) -> list[tuple[str, ...]]:
+def module_rows(m: ModuleSummary) -> list[tuple[str, ...]]:
     lanes = m.lanes or [LaneSummary(0, 0, m.verdict)]
     rows = []
     for i, lane in enumerate(lanes):
@@ -110,7 +121,7 @@ def _align(
     return lines
 
 
-def _run_notes(run: RunSummary) -> list[str]:
+def run_notes(run: RunSummary) -> list[str]:
     notes = []
     if run.first_step is not None:
         notes.append(f"gradwatch data from step {run.first_step} to {run.last_step}")
@@ -142,9 +153,9 @@ def report_text(runs: Sequence[RunSummary], *, color: bool = False) -> str:
         if not run.modules:
             out.append("  no capture yet (the run has gradwatch signals but no diagnosis)")
         else:
-            rows = [r for m in run.modules.values() for r in _rows(m)]
+            rows = [r for m in run.modules.values() for r in module_rows(m)]
             out.extend("  " + line for line in _align(HEADER, rows, color, verdict_col=3))
-        out.extend("  " + note for note in _run_notes(run))
+        out.extend("  " + note for note in run_notes(run))
         out.append("")
     out.append(
         "gain: per-step factor of a gradient carried back (<1 shrinks, >1 grows); horizon: "
