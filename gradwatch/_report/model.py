@@ -105,7 +105,7 @@ def summarise(data: RunData) -> RunSummary:
     names: list[str] = []
     for tag in data.scalars:
         module = tag[len(PREFIX) + 1 :].split("/")[0]
-        if module not in _GLOBAL and module not in names and tag.endswith(f"{module}/verdict"):
+        if module not in _GLOBAL and module not in names and tag == f"{PREFIX}/{module}/verdict":
             names.append(module)
     modules = {n: _module(data, n) for n in sorted(names)}
     steps = [s for series in data.scalars.values() for s in series]
