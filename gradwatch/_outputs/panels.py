@@ -231,19 +231,31 @@ class PanelWriter:
                 self._emit_image(module_tag(name, kind, self.prefix), image, step)
 
     def write_profiles(self, step: int, report: Report | Mapping[str, ModuleReport]) -> None:
-        """The gradwatch tab's data: one ``<prefix>/<module>/profiles`` tensor summary per call
-        (format in `gradwatch._outputs.tb_plugin.metadata`), TensorBoard writers only."""
+        """The gradwatch tab's data: one ``<prefix>/<module>/profiles`` tensor summary per call,
+        and one ``<prefix>/<module>/diagnosis`` string tensor (format in
+        `gradwatch._outputs.tb_plugin.metadata`), TensorBoard writers only."""
         sinks = [s for s in self._sinks if s.profiles and self._file_writer(s) is not None]
         if not sinks:
             return
-        from gradwatch._outputs.tb_plugin.metadata import PROFILE_METRIC, profile_summary
+        from gradwatch._outputs.tb_plugin.metadata import (
+            DIAGNOSIS_METRIC,
+            PROFILE_METRIC,
+            diagnosis_summary,
+            profile_summary,
+        )
 
         for name, m in report.items():
             tag = module_tag(name, PROFILE_METRIC, self.prefix)
+            diagnosis_tag = module_tag(name, DIAGNOSIS_METRIC, self.prefix)
             for sink in sinks:
-                full = f"{sink.logger_prefix}-{tag}" if sink.logger_prefix else tag
+                head = f"{sink.logger_prefix}-" if sink.logger_prefix else ""
                 try:
-                    summary = profile_summary(full, m, _summary_class(sink.writer))
+                    cls = _summary_class(sink.writer)
+                    summary = profile_summary(head + tag, m, cls)
+                    self._file_writer(sink).add_summary(summary, int(step))
+                    # what `gradwatch report` needs beyond numbers: the dominant cause and
+                    # where the first non-finite value appeared
+                    summary = diagnosis_summary(head + diagnosis_tag, m, cls)
                     self._file_writer(sink).add_summary(summary, int(step))
                 except Exception as err:  # the tab's data must never break training
                     sink.profiles = False

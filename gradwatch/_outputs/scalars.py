@@ -18,15 +18,26 @@ kept as they are (a NaN gain is a finding, not an error).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from gradwatch._analysis.report import ModuleReport, Report
-from gradwatch._base.vocabulary import GATED_KINDS, VERDICTS
+from gradwatch._base.vocabulary import GATED_KINDS
 from gradwatch._clipping.clipper import ClipEvent
+
+# The tag scheme lives in a torch-free module so that `gradwatch report` can read it.
+from gradwatch._outputs.tags import (
+    CLIP_METRICS,
+    LAYER_METRICS,
+    MODULE_METRICS,
+    PREFIX,
+    VERDICT_CODES,
+    layer_tag,
+    module_tag,
+    safe_name,
+)
 
 __all__ = [
     "CLIP_METRICS",
@@ -44,52 +55,6 @@ __all__ = [
     "scalars_for",
 ]
 
-PREFIX = "gradwatch"
-
-# Charts need numbers: the verdict as an ordinal, worse is higher.
-VERDICT_CODES: dict[str, float] = {v: float(i) for i, v in enumerate(VERDICTS)}
-
-# Per layer and direction, in dashboard order. Gate metrics are added per gate name:
-# ``<gate>_gate_mean`` and ``<gate>_gate_saturation``.
-LAYER_METRICS = (
-    "gain",
-    "actual_gain",
-    "horizon",
-    "horizon_fraction",
-    "efold",
-    "log10_attenuation",
-    "carried_fraction",
-    "hgrad_mean",
-    "hgrad_start",
-    "hgrad_end",
-    "weight_norm",
-    "weight_radius",
-    "pascanu_bound",
-    "act_derivative",
-    "saturation",
-    "forget_bias",
-    "verdict",
-)
-MODULE_METRICS = ("verdict", "seq_len", "fidelity", "nonfinite_timestep", "param_grad_norm")
-CLIP_METRICS = ("pre_norm", "threshold", "coefficient", "clipped")
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
-
-
-def safe_name(name: str) -> str:
-    """A call name as used in tags: one path segment, accepted by TensorBoard, W&B and MLflow."""
-    name = re.sub(r"#(\d+)$", r":\1", name)
-    return _UNSAFE.sub("_", name) or "_"
-
-
-def module_tag(module: str, metric: str, prefix: str = PREFIX) -> str:
-    """``gradwatch/<module>/<metric>`` for a call or module name."""
-    return f"{prefix}/{safe_name(module)}/{metric}"
-
-
-def layer_tag(module: str, layer: int, direction: int, metric: str, prefix: str = PREFIX) -> str:
-    """``gradwatch/<module>/l<layer>d<direction>/<metric>``."""
-    return f"{prefix}/{safe_name(module)}/l{layer}d{direction}/{metric}"
 
 
 def clip_scalars(event: ClipEvent | Mapping[str, float], prefix: str = PREFIX) -> dict[str, float]:

@@ -18,6 +18,11 @@ The tensor is float32 ``[len(rows), L, D, T]``: row ``i`` is ``rows[i]``. ``tota
 direction, repeated along ``T``. Diagnostics that were not computed are NaN. ``T`` is the
 step's own sequence length and may differ between steps; TensorBoard keeps the header of the
 first step only (``seq_len`` there is informative), so readers take ``T`` from the tensor.
+
+Next to it, tag ``gradwatch/<module>/diagnosis`` (same plugin, header
+``{"version": 1, "type": "diagnosis"}``) holds, per step, a scalar string tensor: the UTF-8
+JSON of `diagnosis_json` (verdict, dominant cause, where the first non-finite value
+appeared). ``gradwatch report`` reads it; the tab ignores it (its header is not a profile's).
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ import numpy as np
 from gradwatch._base.vocabulary import LSTM_KINDS, VERDICTS
 
 __all__ = [
+    "DIAGNOSIS_METRIC",
     "PLUGIN_NAME",
     "PROFILE_METRIC",
     "VERSION",
     "Header",
+    "diagnosis_json",
+    "diagnosis_summary",
+    "is_diagnosis",
     "parse_header",
     "profile_rows",
     "profile_summary",
@@ -43,8 +52,10 @@ __all__ = [
 ]
 
 PLUGIN_NAME = "gradwatch"
-PROFILE_METRIC = "profiles"
 VERSION = 1
+PROFILE_METRIC = "profiles"
+DIAGNOSIS_METRIC = "diagnosis"
+_DIAGNOSIS_HEADER = {"version": VERSION, "type": DIAGNOSIS_METRIC}
 
 PER_STEP_ROWS = ("total", "carried", "direct", "propagation")
 PER_LAYER_ROWS = ("horizon", "gain", "verdict")
@@ -142,6 +153,61 @@ def profile_summary(tag: str, m: Any, summary_class: Any = None) -> Any:
     if summary_class is not None and summary_class is not type(summary):
         return summary_class.FromString(summary.SerializeToString())
     return summary
+
+
+def diagnosis_json(m: Any) -> dict[str, Any]:
+    """What the event files keep of one `ModuleReport` beyond its numbers: the verdict, the
+    dominant cause (`gradwatch.Explanation`) and where the first non-finite value appeared."""
+    exp = getattr(m, "explanation", None)
+    nf = getattr(m, "nonfinite_at", None)
+    return {
+        "module": str(m.name),
+        "kind": str(m.kind),
+        "verdict": str(m.verdict),
+        "seq_len": int(getattr(m, "seq_len", 0) or 0),
+        "exact": bool(getattr(m, "exact", True)),
+        "approximate_reason": getattr(m, "approximate_reason", None),
+        "cause": None if exp is None else str(exp.cause),
+        "cause_layer": None if exp is None or exp.layer is None else int(exp.layer),
+        "cause_direction": None if exp is None or exp.direction is None else int(exp.direction),
+        "explanation": None if exp is None else str(exp.text),
+        "nonfinite_at": None
+        if nf is None
+        else {
+            "module": str(nf.module),
+            "layer": int(nf.layer),
+            "direction": int(nf.direction),
+            "timestep": int(nf.timestep),
+        },
+    }
+
+
+def diagnosis_summary(tag: str, m: Any, summary_class: Any = None) -> Any:
+    """A ``Summary`` proto with `diagnosis_json` of one module call as a string tensor."""
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.util import tensor_util
+
+    metadata = summary_pb2.SummaryMetadata(
+        summary_description="gradwatch verdict, dominant cause, first non-finite value",
+        data_class=summary_pb2.DATA_CLASS_TENSOR,
+    )
+    metadata.plugin_data.plugin_name = PLUGIN_NAME
+    metadata.plugin_data.content = json.dumps(_DIAGNOSIS_HEADER).encode("utf-8")
+    text = json.dumps(diagnosis_json(m), allow_nan=False).encode("utf-8")
+    summary = summary_pb2.Summary()
+    summary.value.add(tag=tag, metadata=metadata, tensor=tensor_util.make_tensor_proto(text))
+    if summary_class is not None and summary_class is not type(summary):
+        return summary_class.FromString(summary.SerializeToString())
+    return summary
+
+
+def is_diagnosis(content: bytes | str | None) -> bool:
+    """Whether ``plugin_data.content`` is the header of a ``diagnosis`` tag."""
+    try:
+        raw = json.loads(content.decode("utf-8") if isinstance(content, bytes) else content or "")
+    except ValueError:
+        return False
+    return isinstance(raw, dict) and raw.get("type") == DIAGNOSIS_METRIC
 
 
 def parse_header(content: bytes | str | None) -> Header | None:
