@@ -30,8 +30,8 @@ __all__ = [
     "AutoClip",
     "ClipStrategy",
     "NormClip",
-    "ValueClip",
     "StrategyName",
+    "ValueClip",
     "ZScoreClip",
     "resolve_strategy",
 ]

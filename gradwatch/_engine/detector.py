@@ -112,9 +112,7 @@ class SpikeDetector:
         return torch.stack([spike.any(), nonfinite, skipped.reshape(())]).to(torch.uint8)
 
     # -- host path ------------------------------------------------------------------------
-    def update_host(
-        self, sig: list[list[float]], amp: bool, found_inf: Tensor | None
-    ) -> StepFlags:
+    def update_host(self, sig: list[list[float]], amp: bool, found_inf: Tensor | None) -> StepFlags:
         """The same as `update` on Python floats (``sig`` as nested lists)."""
         m = len(sig[0])
         if self._host is None and self._ema is not None and self._ema.shape[1] == m:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
+
+from typing_extensions import TypedDict
 
 from gradwatch._capture.discovery import Selector
 from gradwatch._clipping import STRATEGY_NAMES, Clipper, ClipStrategy
@@ -21,7 +24,7 @@ from gradwatch._engine._common import check_int, check_selectors
 if TYPE_CHECKING:
     from gradwatch._analysis.verdicts import Thresholds
 
-__all__ = ["DEFAULT_EVERY_N_STEPS", "ClipSpec", "WatchOptions"]
+__all__ = ["DEFAULT_EVERY_N_STEPS", "ClipSpec", "WatchArgs", "WatchOptions", "watch_options"]
 
 #: Default capture interval in optimizer steps. A capture replays every watched recurrence
 #: once (about 0.7-1.3x the module's own forward and backward on the CPU, see
@@ -32,6 +35,13 @@ DEFAULT_EVERY_N_STEPS = 100
 
 #: What ``clip=`` accepts: nothing, a strategy name, a configured strategy or a Clipper.
 ClipSpec = Union[StrategyName, ClipStrategy, Clipper, None]  # noqa: UP007 (a runtime alias)
+
+
+#: What ``include=``/``exclude=`` accept: one pattern or type, or an iterable of them.
+Selectors = Union[Selector, Iterable[Selector], None]  # noqa: UP007 (a runtime alias)
+
+# Arguments that moved onto the Clipper: a constructor given one says how to migrate.
+_MOVED_TO_CLIPPER = {"clip_mode": "mode", "clip_scope": "scope", "clip_nonfinite": "nonfinite"}
 
 
 @dataclass(frozen=True)
@@ -152,3 +162,38 @@ def _check_clip(clip: Any) -> None:
         f"clip={clip!r}: unknown clipping strategy: use None, one of {valid}, a configured "
         f"strategy such as AutoClip(percentile=5), or a Clipper{hint}"
     )
+
+
+class WatchArgs(TypedDict, total=False):
+    """The keyword arguments of `GradWatch` and `Monitor` that build their `WatchOptions`
+    (for ``**options: Unpack[WatchArgs]``: type checkers and editors see every name)."""
+
+    every_n_steps: int
+    include: Selectors
+    exclude: Selectors
+    spike_factor: float
+    warmup_steps: int
+    history: int
+    log_every_n_steps: int | None
+    thresholds: Thresholds | None
+    clip: ClipSpec
+    figures: bool
+    async_flags: bool | None
+
+
+def watch_options(owner: str, options: dict[str, Any]) -> WatchOptions:
+    """`WatchOptions` from an adapter's keyword arguments; an unknown name is a
+    ``TypeError`` naming it (and, for the removed ``clip_*`` arguments, the replacement)."""
+    known = {f.name for f in dataclasses.fields(WatchOptions)}
+    for name in options:
+        if name in _MOVED_TO_CLIPPER:
+            raise TypeError(
+                f"{owner}({name}=...) was removed: configure a Clipper instead, e.g. "
+                f"{owner}(clip=gradwatch.Clipper('norm', {_MOVED_TO_CLIPPER[name]}=...))"
+            )
+        if name not in known:
+            raise TypeError(
+                f"{owner}() got an unexpected keyword argument {name!r}; the options are "
+                f"{', '.join(sorted(known))}"
+            )
+    return WatchOptions(**options)

@@ -25,6 +25,7 @@ from gradwatch._engine.detector import StepFlags
 
 __all__ = ["CheapSignals", "StepOutcome", "StepSignals"]
 
+
 @dataclass(frozen=True)
 class StepSignals:
     """The cheap signals of one optimizer step, copied to the host (on logging steps).

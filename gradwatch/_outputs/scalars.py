@@ -25,12 +25,11 @@ import torch
 from torch import Tensor
 
 from gradwatch._analysis.report import VERDICTS, ModuleReport, Report
+from gradwatch._base.vocabulary import GATED_KINDS
 from gradwatch._clipping.clipper import ClipEvent
+from gradwatch._engine.signals import StepSignals
 
 __all__ = [
-    "CLIP_METRICS",
-    "LAYER_METRICS",
-    "MODULE_METRICS",
     "PREFIX",
     "VERDICT_CODES",
     "clip_scalars",
@@ -41,6 +40,7 @@ __all__ = [
     "profile_stats",
     "safe_name",
     "scalars_for",
+    "signal_scalars",
 ]
 
 PREFIX = "gradwatch"
@@ -48,31 +48,6 @@ PREFIX = "gradwatch"
 # Charts need numbers: the verdict as an ordinal, worse is higher.
 VERDICT_CODES: dict[str, float] = {v: float(i) for i, v in enumerate(VERDICTS)}
 
-# Per layer and direction, in dashboard order. Gate metrics are added per gate name:
-# ``<gate>_gate_mean`` and ``<gate>_gate_saturation``.
-LAYER_METRICS = (
-    "gain",
-    "actual_gain",
-    "horizon",
-    "horizon_fraction",
-    "efold",
-    "log10_attenuation",
-    "carried_fraction",
-    "hgrad_mean",
-    "hgrad_start",
-    "hgrad_end",
-    "weight_norm",
-    "weight_radius",
-    "pascanu_bound",
-    "act_derivative",
-    "saturation",
-    "forget_bias",
-    "verdict",
-)
-MODULE_METRICS = ("verdict", "seq_len", "fidelity", "nonfinite_timestep", "param_grad_norm")
-CLIP_METRICS = ("pre_norm", "threshold", "coefficient", "clipped")
-
-_GATED = frozenset({"LSTM", "GRU", "LSTMCell", "GRUCell"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
 
 
@@ -110,6 +85,16 @@ def clip_scalars(event: ClipEvent | Mapping[str, float], prefix: str = PREFIX) -
         if "clipped" not in fields and "coefficient" in fields:
             fields["clipped"] = float(_num(fields["coefficient"]) < 1.0)
     return {f"{prefix}/clip/{safe_name(k)}": _num(v) for k, v in fields.items()}
+
+
+def signal_scalars(s: StepSignals, prefix: str = PREFIX) -> dict[str, float]:
+    """The cheap signals of one step: ``gradwatch/<module>/param_grad_norm`` and
+    ``.../injected_grad_norm`` per module, ``gradwatch/step/skipped`` and ``.../spike``."""
+    out = {module_tag(n, "param_grad_norm", prefix): v for n, v in s.grad_norm.items()}
+    out.update({module_tag(n, "injected_grad_norm", prefix): v for n, v in s.injected.items()})
+    out[f"{prefix}/step/skipped"] = float(s.skipped)
+    out[f"{prefix}/step/spike"] = float(s.spike)
+    return out
 
 
 def param_grad_scalars(
@@ -165,7 +150,7 @@ def module_scalars(m: ModuleReport, *, prefix: str = PREFIX) -> dict[str, float]
     if c is not None:
         per_ld["weight_norm"] = c.weight_norm
         per_ld["weight_radius"] = c.weight_radius
-        if m.kind not in _GATED:  # the bound is NaN by definition for gated cells
+        if m.kind not in GATED_KINDS:  # the bound is NaN by definition for gated cells
             per_ld["pascanu_bound"] = c.pascanu_bound
         per_ld["act_derivative"] = c.act_derivative
         per_ld["saturation"] = c.saturation
