@@ -81,37 +81,36 @@ class _GradWatch(Watcher):
     (statistics reduced over ranks before any decision). Validation, test and predict loops
     are not hooked.
 
-    Args:
-        every_n_steps: Capture every this many optimizer steps, starting at the first.
-            Default 100: a capture replays each recurrence once (about the cost of the
-            module's own forward and backward), so the amortised cost is ~1% of a step.
-        include: Only watch modules matching these ``fnmatch`` name patterns (qualified
-            names in the LightningModule, e.g. ``"encoder.*"``) or module types: one, or an
-            iterable of them.
-        exclude: Do not watch modules matching these patterns or types.
-        spike_factor: A cheap signal this many times above its running level triggers a
+    Keyword Args:
+        every_n_steps (int): Capture every this many optimizer steps, starting at the first. Default
+            100: a capture replays each recurrence once (about the cost of the module's own forward
+            and backward), so the amortised cost is ~1% of a step.
+        include (Selectors): Only watch modules matching these ``fnmatch`` name patterns (qualified
+            names in the LightningModule, e.g. ``"encoder.*"``) or module types: one, or an iterable
+            of them.
+        exclude (Selectors): Do not watch modules matching these patterns or types.
+        spike_factor (float): A cheap signal this many times above its running level triggers a
             capture (``math.inf``: never); non-finite values always trigger one.
-        warmup_steps: Optimizer steps of running level before spikes are detected.
-        history: Captured reports kept in `reports` (the last ``history``); the
-            cheap-signal history keeps ``10 * history`` steps.
-        log_every_n_steps: Copy the cheap signals to the host and log them every this many
-            optimizer steps (the only host synchronisation besides captures). Default: the
+        warmup_steps (int): Optimizer steps of running level before spikes are detected.
+        history (int): Captured reports kept in `reports` (the last ``history``); the cheap-signal
+            history keeps ``10 * history`` steps.
+        log_every_n_steps (int | None): Copy the cheap signals to the host and log them every this
+            many optimizer steps (the only host synchronisation besides captures). Default: the
             Trainer's ``log_every_n_steps``.
-        thresholds: A `gradwatch.Thresholds` for the verdicts.
-        clip: Gradient clipping (see ``docs/clipping.md``). ``None`` (the default) never
+        thresholds (Thresholds | None): A `gradwatch.Thresholds` for the verdicts.
+        clip (ClipSpec): Gradient clipping (see ``docs/clipping.md``). ``None`` (the default) never
             touches gradients. A strategy name (``"norm"``, ``"value"``, ``"autoclip"``,
-            ``"zscore"``, ``"agc"``: published defaults), a configured
-            `gradwatch.ClipStrategy`, or a `gradwatch.Clipper`, which also sets the mode
-            (``"always"`` or ``"reactive"``), the scope (``"all"`` or ``"recurrent"``) and
-            the non-finite policy (``"skip"``, ``"zero"``, ``"leave"``). Applied in
-            ``on_before_optimizer_step``: after AMP unscaling and DDP reduction, before the
-            optimizer step, in automatic and manual optimization. Refused at fit start
-            together with ``Trainer(gradient_clip_val=...)``, a fused optimizer under a
+            ``"zscore"``, ``"agc"``: published defaults), a configured `gradwatch.ClipStrategy`, or
+            a `gradwatch.Clipper`, which also sets the mode (``"always"`` or ``"reactive"``), the
+            scope (``"all"`` or ``"recurrent"``) and the non-finite policy (``"skip"``, ``"zero"``,
+            ``"leave"``). Applied in ``on_before_optimizer_step``: after AMP unscaling and DDP
+            reduction, before the optimizer step, in automatic and manual optimization. Refused at
+            fit start together with ``Trainer(gradient_clip_val=...)``, a fused optimizer under a
             GradScaler, FSDP, DeepSpeed.
-        figures: Render TensorBoard figures (heatmap, profile, propagation) on captures.
-        async_flags: Read the spike flag one step late, without stalling the device
-            (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``).
-            On the CPU the spike step itself is captured.
+        figures (bool): Render TensorBoard figures (heatmap, profile, propagation) on captures.
+        async_flags (bool | None): Read the spike flag one step late, without stalling the device
+            (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``). On the CPU
+            the spike step itself is captured.
 
     All arguments are keyword-only; they make a frozen `gradwatch.WatchOptions`
     (`options`), and each is also a read-only attribute of the same name.

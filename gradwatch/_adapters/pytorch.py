@@ -54,31 +54,33 @@ class Monitor(Watcher):
             a ``SummaryWriter`` on this directory, closed by `close`.
         writer: Or write them to this ``SummaryWriter`` (or Lightning logger) of yours; it
             is flushed, not closed, by `close`.
-        every_n_steps: Capture (replay and diagnose) every this many optimizer steps,
-            starting with the first. Default 100.
-        include: Only watch modules matching these ``fnmatch`` name patterns or types (one,
-            or an iterable of them).
-        exclude: Do not watch modules matching these patterns or types.
-        spike_factor: A cheap signal this many times above its running level (an
-            exponential average of its log over about 10 steps) triggers a capture.
-            ``math.inf`` disables spike captures; non-finite values always trigger one.
-        warmup_steps: Steps of running level before spikes are detected.
-        history: Number of captured reports kept in `reports` (the oldest are
-            dropped); the cheap-signal history keeps ``10 * history`` steps.
-        log_every_n_steps: Copy the cheap signals to the host (and to the panels) every
+
+    Keyword Args:
+        every_n_steps (int): Capture (replay and diagnose) every this many optimizer steps, starting
+            with the first. Default 100.
+        include (Selectors): Only watch modules matching these ``fnmatch`` name patterns or types
+            (one, or an iterable of them).
+        exclude (Selectors): Do not watch modules matching these patterns or types.
+        spike_factor (float): A cheap signal this many times above its running level (an exponential
+            average of its log over about 10 steps) triggers a capture. ``math.inf`` disables spike
+            captures; non-finite values always trigger one.
+        warmup_steps (int): Steps of running level before spikes are detected.
+        history (int): Number of captured reports kept in `reports` (the oldest are dropped); the
+            cheap-signal history keeps ``10 * history`` steps.
+        log_every_n_steps (int | None): Copy the cheap signals to the host (and to the panels) every
             this many steps, the only host synchronisation outside captures. Default 50.
-        thresholds: A `gradwatch.Thresholds` for the verdicts.
-        clip: Gradient clipping in `step` (see ``docs/clipping.md``); ``None`` (the
+        thresholds (Thresholds | None): A `gradwatch.Thresholds` for the verdicts.
+        clip (ClipSpec): Gradient clipping in `step` (see ``docs/clipping.md``); ``None`` (the
             default) never touches gradients. A strategy name (``"norm"``, ``"value"``,
             ``"autoclip"``, ``"zscore"``, ``"agc"``), a configured ``ClipStrategy``, or a
-            `gradwatch.Clipper`, which also sets the mode, the scope (``"all"``: the
-            parameters of the optimizer passed to `step`, else the model's) and the
-            non-finite policy (``"skip"``: every gradient of the step set to ``None``, so
-            ``optimizer.step()`` leaves the parameters and its state as they are).
-        figures: Render figures on captures when panels are written.
-        async_flags: Read the spike flag one step late without stalling the device
-            (default: on CUDA). A spike at step ``s`` is then captured at step ``s + 2``;
-            on the CPU it is captured at step ``s`` itself.
+            `gradwatch.Clipper`, which also sets the mode, the scope (``"all"``: the parameters of
+            the optimizer passed to `step`, else the model's) and the non-finite policy (``"skip"``:
+            every gradient of the step set to ``None``, so ``optimizer.step()`` leaves the
+            parameters and its state as they are).
+        figures (bool): Render figures on captures when panels are written.
+        async_flags (bool | None): Read the spike flag one step late without stalling the device
+            (default: on CUDA). A spike at step ``s`` is then captured at step ``s + 2``; on the CPU
+            it is captured at step ``s`` itself.
 
     The options are keyword-only and the same as `GradWatch`'s; they make a frozen
     `gradwatch.WatchOptions` (`options`), and each is a read-only attribute.
