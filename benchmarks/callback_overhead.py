@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch._engine.monitor import DEFAULT_EVERY_N_STEPS
 
 
 def _lightning():
@@ -220,7 +219,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("gradwatch").setLevel(logging.ERROR)
 
-    n = DEFAULT_EVERY_N_STEPS
+    n = gradwatch.WatchOptions().every_n_steps  # the default capture interval
     rows = []
     models = make_grid_models() if args.grid else make_models()
     for label, (model_cls, data) in models.items():

@@ -66,8 +66,7 @@ except ImportError:  # the older namespace works the same way
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
-from gradwatch import GradWatch
-from gradwatch._outputs.messages import summary_table
+from gradwatch import GradWatch, summary_table
 
 EXAMPLE = "adding_problem"
 VARIANTS = ("modern", "hs1997")
@@ -204,8 +203,8 @@ def evaluate(model: AddingModel, val: tuple[torch.Tensor, ...]) -> tuple[float, 
 # ---------------------------------------------------------------------------- reporting
 def latest_module(gw: GradWatch, name: str = "rnn") -> Any:
     """The module report of the last capture, or ``None``."""
-    reports = gw.reports
-    return reports[max(reports)].get(name) if reports else None
+    latest = gw.latest_report
+    return None if latest is None else latest.get(name)
 
 
 def _num(value: Any) -> float:

@@ -50,9 +50,7 @@ except ImportError:  # the older namespace works the same way
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
-from gradwatch import GradWatch
-from gradwatch._analysis.verdicts import Thresholds
-from gradwatch._outputs.messages import summary_table
+from gradwatch import GradWatch, Thresholds, summary_table
 
 EXAMPLE = "char_lstm_tbptt"
 
@@ -329,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"gradwatch: {verdict}")
     latest = {}
     if gw.reports:
-        latest = dict(gw.reports[max(gw.reports)].items())
+        latest = dict(gw.reports[-1].items())
     if latest:
         print("\n" + summary_table(latest))
     print(

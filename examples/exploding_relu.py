@@ -46,9 +46,7 @@ except ImportError:  # the older namespace works the same way
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
-from gradwatch import GradWatch
-from gradwatch._clipping import NormClip
-from gradwatch._outputs.messages import summary_table
+from gradwatch import GradWatch, NormClip, summary_table
 
 EXAMPLE = "exploding_relu"
 
@@ -176,7 +174,7 @@ def run_unclipped(args: argparse.Namespace) -> dict[str, Any]:
     reports = gw.reports
     name = "net.rnn"  # the qualified name inside the LightningModule
     first = reports[min(reports)].get(name) if reports else None
-    last = reports[max(reports)].get(name) if reports else None
+    last = reports[-1].get(name) if reports else None
     flagged = [(s, r[name].verdict) for s, r in sorted(reports.items()) if name in r]
     return {
         "losses": module.losses,
@@ -213,7 +211,7 @@ def run_clipped(args: argparse.Namespace) -> dict[str, Any]:
     verdicts = [(s, r[name].verdict) for s, r in sorted(reports.items()) if name in r]
     final_verdict = gw.verdicts.get(name, "healthy")
     losses = module.losses
-    last = reports[max(reports)].get(name) if reports else None
+    last = reports[-1].get(name) if reports else None
     val = adding_batch(1000, args.length, torch.Generator().manual_seed(args.seed + 7))
     with torch.no_grad():
         val_mse = float(nn.functional.mse_loss(net(val[0]), val[1]))

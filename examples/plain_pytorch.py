@@ -19,7 +19,7 @@ Every step costs only cheap signals (gradient norms, a non-finite check). Every
 ``--every-n-steps`` steps (and after a spike or a non-finite value) the step is replayed
 exactly: per-timestep dL/dh_t, per-step gain, horizon, verdict. A verdict change is printed as
 it happens (the ``gradwatch`` logger), and the panels go to TensorBoard through
-``gradwatch._outputs.panels.PanelWriter`` wrapped around a ``SummaryWriter``.
+``gradwatch.PanelWriter`` wrapped around a ``SummaryWriter``.
 
 What to expect: with PyTorch's default initialisation the GRU's update gates sit around 0.5, so
 the gradient fades within roughly ten steps and gradwatch calls both layers *vanishing* at
@@ -47,8 +47,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
-from gradwatch._outputs.messages import summary_table
-from gradwatch._outputs.panels import PanelWriter
+from gradwatch import PanelWriter, summary_table
 
 EXAMPLE = "plain_pytorch"
 SYMBOLS = 8
@@ -183,7 +182,7 @@ def train(args: argparse.Namespace, name: str, lengths: list[int]) -> dict[str, 
     writer.close()
     with torch.no_grad():
         accuracy = float((model(val_x).argmax(-1) == val_y).float().mean())
-    last = reports[max(reports)] if reports else None
+    last = reports.latest
     return {
         "accuracy": accuracy,
         "verdicts": final,

@@ -116,7 +116,9 @@ class FlagProbe(L.Callback):
 def test_reactive_mode_clips_only_flagged_steps_and_rescues_a_sudden_explosion():
     jump = 15
     make = dict(scale=0.5, lr=0.05, loss_scale=0.05, jump_at=jump)
-    gw = gradwatch.GradWatch(clip="norm", clip_mode="reactive", warmup_steps=5, log_every_n_steps=1)
+    gw = gradwatch.GradWatch(
+        clip=Clipper("norm", mode="reactive"), warmup_steps=5, log_every_n_steps=1
+    )
     probe = FlagProbe(gw)
     model = _fit(ExplodingRNN(**make), gw, 30, extra=[probe])
     assert _finite(model)
@@ -247,11 +249,8 @@ def test_refuses_sharding_strategies(name):
     ("kwargs", "match"),
     [
         ({"clip": "bogus"}, r"clip='bogus'.*unknown clipping strategy"),
-        ({"clip": "norm", "clip_mode": "sometimes"}, "clip_mode must be one of"),
-        ({"clip": "norm", "clip_scope": "rnn"}, "clip_scope must be one of"),
-        ({"clip": "norm", "clip_nonfinite": "drop"}, "clip_nonfinite must be one of"),
-        ({"clip_mode": "reactive"}, r"clip_mode='reactive' has no effect without clip"),
-        ({"clip": Clipper("norm"), "clip_scope": "all"}, "configured Clipper"),
+        ({"clip": NormClip}, r"pass an instance, NormClip\(...\), not the class"),
+        ({"clip": 1.0}, r"clip=1.0: unknown clipping strategy"),
     ],
 )
 def test_invalid_clip_arguments(kwargs, match):
@@ -288,7 +287,7 @@ def test_resume_continues_the_adaptive_threshold_exactly(tmp_path, strategy):
     first = gw()
     fit(first, 8, first_model)  # last.ckpt at step 8
     raw = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert raw["callbacks"]["GradWatch"]["clip"]["clipper"]["step"] == 8
+    assert raw["callbacks"][first.state_key]["clip"]["clipper"]["step"] == 8
     resumed = gw()
     fit(resumed, 16, LM("GRU"), ckpt_path=tmp_path / "last.ckpt")
 
@@ -331,7 +330,9 @@ def test_ddp_reactive_clipping_decides_identically_on_every_rank(tmp_path):
     data = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.randint(0, 20, (80, 10), generator=g)), batch_size=4
     )
-    gw = gradwatch.GradWatch(every_n_steps=4, warmup_steps=2, clip="autoclip", clip_mode="reactive")
+    gw = gradwatch.GradWatch(
+        every_n_steps=4, warmup_steps=2, clip=Clipper("autoclip", mode="reactive")
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -415,7 +416,7 @@ def test_skip_leaves_parameters_and_optimizer_state_untouched():
 
 def test_monitor_scope_recurrent_clips_only_the_rnn():
     model = ExplodingRNN()
-    mon = gradwatch.Monitor(model, clip=NormClip(max_norm=1e-6), clip_scope="recurrent")
+    mon = gradwatch.Monitor(model, clip=Clipper(NormClip(max_norm=1e-6), scope="recurrent"))
     x, y = next(iter(_fixed_batches(1)))
     out, _ = model.rnn(x)
     ((model.head(out[:, -1]) - y) ** 2).mean().backward()
@@ -459,13 +460,17 @@ def test_monitor_unscales_once_under_a_grad_scaler():
 
 
 def test_reactive_flag_comes_from_this_steps_flags_or_the_latest_verdict():
-    from gradwatch._engine.monitor import ClipControl, StepOutcome
+    from gradwatch._engine.clip_control import ClipControl
+    from gradwatch._engine.detector import StepFlags
+    from gradwatch._engine.signals import StepOutcome
 
     flagged = ClipControl.flagged
     healthy = {"rnn": "healthy"}
-    assert flagged(StepOutcome(3, flags=(False, False, False)), healthy) is None
-    assert flagged(StepOutcome(3, flags=(True, False, False)), healthy) == "spike"
-    assert flagged(StepOutcome(3, flags=(True, True, False)), healthy) == "non-finite signal"
+    assert flagged(StepOutcome(3, flags=StepFlags(False, False, False)), healthy) is None
+    assert flagged(StepOutcome(3, flags=StepFlags(True, False, False)), healthy) == "spike"
+    assert (
+        flagged(StepOutcome(3, flags=StepFlags(True, True, False)), healthy) == "non-finite signal"
+    )
     assert flagged(StepOutcome(3), {"a": "exploding", "b": "vanishing"}) == "exploding verdict: a"
     assert flagged(None, {"rnn": "nonfinite"}) == "nonfinite verdict: rnn"
 

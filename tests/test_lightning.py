@@ -297,16 +297,16 @@ def test_checkpoint_is_weights_only_loadable_and_resume_restores_the_detector(tm
     model = LM("GRU")
     _trainer(callbacks=[cb, ckpt], max_steps=5, enable_checkpointing=True).fit(model, _data())
     raw = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    state = raw["callbacks"]["GradWatch"]
+    state = raw["callbacks"][cb.state_key]
     assert [s["step"] for s in state["signals"]] == list(range(5))
-    assert torch.equal(state["ema"], cb._core._ema)
+    assert torch.equal(state["ema"], cb._core.detector.ema)
 
     resumed = gradwatch.GradWatch(every_n_steps=2, warmup_steps=1)
     seen = {}
 
     class Probe(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            seen["ema"] = resumed._core._ema.clone()
+            seen["ema"] = resumed._core.detector.ema.clone()
             seen["verdicts"] = resumed.verdicts
 
     _trainer(callbacks=[resumed, Probe(), ckpt], max_steps=8, enable_checkpointing=True).fit(

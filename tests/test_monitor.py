@@ -14,7 +14,9 @@ from torch.nn.utils.rnn import pack_sequence
 import gradwatch
 from gradwatch._capture import recorder as tracing
 from gradwatch._capture.families import fused as fused_family
-from gradwatch._engine.monitor import MonitorCore, merge_module_reports
+from gradwatch._engine.merge import merge_module_reports
+from gradwatch._engine.monitor import MonitorCore
+from gradwatch._engine.options import WatchOptions
 
 
 class LM(nn.Module):
@@ -98,7 +100,7 @@ def test_schedule_and_cheap_signals():
     model = LM()
     with gradwatch.Monitor(model, every_n_steps=3, log_every_n_steps=2) as mon:
         _train(model, mon, steps=7)
-        assert len(mon.core._pending) == 0  # step 6 was a logging and a capture step
+        assert len(mon._core._pending) == 0  # step 6 was a logging and a capture step
     assert list(mon.reports) == [0, 3, 6]
     sig = mon.signals
     assert [s.step for s in sig] == list(range(7))
@@ -246,7 +248,7 @@ def test_internal_error_disables_only_that_module(monkeypatch):
     assert sum("boom" in str(w.message) for w in rec) == 1  # warned once
     assert "b" in mon.reports[0].failures
     assert list(mon.reports[3]) == ["a"]  # still watching a, no longer b
-    assert "b" in mon.core.disabled
+    assert "b" in mon._core.disabled
     _train(twin, steps=4)
     pairs = zip(model.parameters(), twin.parameters(), strict=True)
     assert all(torch.equal(p, q) for p, q in pairs)
@@ -295,7 +297,7 @@ def test_close_removes_every_hook_and_history_is_bounded():
     for mod in model.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
     assert not tracing.active_recorders()
-    assert mon.core.session is None
+    assert mon._core.session is None
 
 
 def test_state_dict_is_weights_only_loadable_and_restores_the_detector():
@@ -311,8 +313,8 @@ def test_state_dict_is_weights_only_loadable_and_restores_the_detector():
     with gradwatch.Monitor(model, every_n_steps=2) as fresh:
         fresh.load_state_dict(loaded)
         assert fresh.global_step == 5
-        assert torch.equal(fresh.core._ema, mon.core._ema)
-        assert torch.equal(fresh.core._count, mon.core._count)
+        assert torch.equal(fresh._core.detector.ema, mon._core.detector.ema)
+        assert torch.equal(fresh._core.detector.count, mon._core.detector.count)
         assert fresh.verdicts == mon.verdicts
         assert [s.step for s in fresh.signals] == list(range(5))
         _train(model, fresh, steps=2)
@@ -366,7 +368,7 @@ def test_grad_scaler_gradients_are_unscaled_and_skipped_steps_reported():
 def test_core_is_picklable_before_and_after_use():
     import pickle
 
-    core = MonitorCore(every_n_steps=3)
+    core = MonitorCore(WatchOptions(every_n_steps=3))
     model = LM()
     core.bind(model)
     core.attach()

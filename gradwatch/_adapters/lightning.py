@@ -13,21 +13,16 @@ it derives from the ``Callback`` of each namespace that is installed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
+from gradwatch._adapters._watcher import Watcher
 from gradwatch._analysis.report import Report
-from gradwatch._capture import Selectors, normalize_selectors
-from gradwatch._clipping import ClipEvent
-from gradwatch._engine.monitor import (
-    DEFAULT_EVERY_N_STEPS,
-    ClipControl,
-    MonitorCore,
-    StepOutcome,
-    StepSignals,
-)
+from gradwatch._clipping import Clipper
+from gradwatch._engine.options import WatchArgs, WatchOptions, watch_options
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -66,7 +61,7 @@ def _warn(message: str) -> None:
     rank_zero_warn(message, category=RuntimeWarning)
 
 
-class _GradWatch:
+class _GradWatch(Watcher):
     r"""Watch vanishing and exploding gradients through time in a LightningModule's RNNs.
 
     Every optimizer step, GradWatch measures cheap signals on the device (the norm of the
@@ -86,44 +81,39 @@ class _GradWatch:
     (statistics reduced over ranks before any decision). Validation, test and predict loops
     are not hooked.
 
-    Args:
-        every_n_steps: Capture every this many optimizer steps, starting at the first.
-            Default 100: a capture replays each recurrence once (about the cost of the
-            module's own forward and backward), so the amortised cost is ~1% of a step.
-        include: Only watch modules matching these ``fnmatch`` name patterns (qualified
-            names in the LightningModule, e.g. ``"encoder.*"``) or module types.
-        exclude: Do not watch modules matching these patterns or types.
-        spike_factor: A cheap signal this many times above its running level triggers a
+    Keyword Args:
+        every_n_steps (int): Capture every this many optimizer steps, starting at the first. Default
+            100: a capture replays each recurrence once (about the cost of the module's own forward
+            and backward), so the amortised cost is ~1% of a step.
+        include (Selectors): Only watch modules matching these ``fnmatch`` name patterns (qualified
+            names in the LightningModule, e.g. ``"encoder.*"``) or module types: one, or an iterable
+            of them.
+        exclude (Selectors): Do not watch modules matching these patterns or types.
+        spike_factor (float): A cheap signal this many times above its running level triggers a
             capture (``math.inf``: never); non-finite values always trigger one.
-        warmup_steps: Optimizer steps of running level before spikes are detected.
-        history: Captured reports kept in `reports` (the last ``history``); the
-            cheap-signal history keeps ``10 * history`` steps.
-        log_every_n_steps: Copy the cheap signals to the host and log them every this many
-            optimizer steps (the only host synchronisation besides captures). Default: the
+        warmup_steps (int): Optimizer steps of running level before spikes are detected.
+        history (int): Captured reports kept in `reports` (the last ``history``); the cheap-signal
+            history keeps ``10 * history`` steps.
+        log_every_n_steps (int | None): Copy the cheap signals to the host and log them every this
+            many optimizer steps (the only host synchronisation besides captures). Default: the
             Trainer's ``log_every_n_steps``.
-        thresholds: A `gradwatch._analysis.verdicts.Thresholds` for the verdicts.
-        clip: Gradient clipping (see ``docs/clipping.md``). ``None`` (the default) never
+        thresholds (Thresholds | None): A `gradwatch.Thresholds` for the verdicts.
+        clip (ClipSpec): Gradient clipping (see ``docs/clipping.md``). ``None`` (the default) never
             touches gradients. A strategy name (``"norm"``, ``"value"``, ``"autoclip"``,
-            ``"zscore"``, ``"agc"``: published defaults), a configured
-            `gradwatch._clipping.ClipStrategy`, or a configured
-            `gradwatch._clipping.Clipper` (then leave the three ``clip_*`` arguments
-            out). Applied in ``on_before_optimizer_step``: after AMP unscaling and DDP
-            reduction, before the optimizer step, in automatic and manual optimization.
-            Refused at fit start together with ``Trainer(gradient_clip_val=...)``, a fused
-            optimizer under a GradScaler, FSDP, DeepSpeed.
-        clip_mode: ``"always"`` (default) or ``"reactive"``: clip only on steps where the
-            detector flags a spike or non-finite value, or while the latest capture's
-            verdict is exploding (or non-finite). Adaptive strategies observe every step.
-        clip_scope: ``"all"`` (default): every parameter of the stepping optimizer;
-            ``"recurrent"``: only those of the recurrent modules (``include``/``exclude``
-            apply).
-        clip_nonfinite: A non-finite gradient norm: ``"skip"`` (default) the optimizer
-            step (gradients set to ``None``: parameters and optimizer state unchanged),
-            ``"zero"`` the gradients, or ``"leave"`` them. Always logged.
-        figures: Render TensorBoard figures (heatmap, profile, propagation) on captures.
-        async_flags: Read the spike flag one step late, without stalling the device
-            (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``).
-            On the CPU the spike step itself is captured.
+            ``"zscore"``, ``"agc"``: published defaults), a configured `gradwatch.ClipStrategy`, or
+            a `gradwatch.Clipper`, which also sets the mode (``"always"`` or ``"reactive"``), the
+            scope (``"all"`` or ``"recurrent"``) and the non-finite policy (``"skip"``, ``"zero"``,
+            ``"leave"``). Applied in ``on_before_optimizer_step``: after AMP unscaling and DDP
+            reduction, before the optimizer step, in automatic and manual optimization. Refused at
+            fit start together with ``Trainer(gradient_clip_val=...)``, a fused optimizer under a
+            GradScaler, FSDP, DeepSpeed.
+        figures (bool): Render TensorBoard figures (heatmap, profile, propagation) on captures.
+        async_flags (bool | None): Read the spike flag one step late, without stalling the device
+            (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``). On the CPU
+            the spike step itself is captured.
+
+    All arguments are keyword-only; they make a frozen `gradwatch.WatchOptions`
+    (`options`), and each is also a read-only attribute of the same name.
 
     Raises:
         ValueError: If an argument is invalid; the message names it.
@@ -135,114 +125,48 @@ class _GradWatch:
         gw = GradWatch(every_n_steps=50)
         trainer = Trainer(callbacks=[gw])
         trainer.fit(model)
-        gw.verdicts                        # {"encoder.rnn": "healthy"}
-        gw.reports[0]["encoder.rnn"].total  # [num_layers, num_directions, T]
+        gw.verdicts                             # {"encoder.rnn": "healthy"}
+        gw.reports[-1]["encoder.rnn"].total     # the latest: [layers, directions, T]
+        gw.reports[0]["encoder.rnn"].verdict    # the capture at optimizer step 0
         ```
 
     The state saved in checkpoints (detector levels, verdict history, cheap signals,
     clipping state) holds only plain types and tensors, so ``weights_only`` loading works.
+    Its `state_key` depends on ``include``, ``exclude``, ``every_n_steps`` and ``clip``,
+    so several GradWatch callbacks in one Trainer keep separate states.
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
-        *,
-        include: Selectors | None = None,
-        exclude: Selectors | None = None,
-        spike_factor: float = 10.0,
-        warmup_steps: int = 10,
-        history: int = 100,
-        log_every_n_steps: int | None = None,
-        thresholds: Any = None,
-        clip: Any = None,
-        clip_mode: str | None = None,
-        clip_scope: str | None = None,
-        clip_nonfinite: str | None = None,
-        figures: bool = True,
-        async_flags: bool | None = None,
-    ) -> None:
-        if not isinstance(figures, bool):
-            raise ValueError(f"figures must be True or False, got {figures!r}")
-        # a tuple from here on: pickles as given (a single pattern is never split up)
-        include = normalize_selectors(include, "include")
-        exclude = normalize_selectors(exclude, "exclude")
-        args = dict(
-            every_n_steps=every_n_steps,
-            include=include,
-            exclude=exclude,
-            spike_factor=spike_factor,
-            warmup_steps=warmup_steps,
-            history=history,
-            log_every_n_steps=log_every_n_steps,
-            thresholds=thresholds,
-            async_flags=async_flags,
-        )
-        # What pickling keeps: the arguments, as plain data where possible (see __getstate__)
-        self._init_kwargs = _plain_arguments(
-            **args,
-            clip=clip,
-            clip_mode=clip_mode,
-            clip_scope=clip_scope,
-            clip_nonfinite=clip_nonfinite,
-            figures=figures,
-        )
-        self._core = MonitorCore(**args, warn=_warn)
-        self._clip = ClipControl.build(
-            clip,
-            clip_mode=clip_mode,
-            clip_scope=clip_scope,
-            clip_nonfinite=clip_nonfinite,
-            history=history,
-            warn=_warn,
-        )
-        self._log_every_n_steps = log_every_n_steps
-        self.clip = clip
-        self.figures = figures
-        self._writer: Any = None
-        self._training = False
-        self._clipping = False
-
-    # -- results -----------------------------------------------------------------------------
-    @property
-    def reports(self) -> dict[int, Report]:
-        """Captured reports by optimizer step (``trainer.global_step`` before the step); the
-        last ``history`` of them."""
-        return dict(self._core.reports)
+    def __init__(self, **options: Unpack[WatchArgs]) -> None:
+        self._configure(watch_options("GradWatch", dict(options)), warn=_warn)
+        self._training = False  # per fit: monitoring hooks are live
+        self._clipping = False  # per fit: the clipper is bound to this fit's model
 
     @property
-    def verdicts(self) -> dict[str, str]:
-        """Latest verdict of every watched module call (with hysteresis)."""
-        return self._core.verdicts
+    @override
+    def state_key(self) -> str:
+        # What decides which modules are watched and how: two callbacks that differ in it keep
+        # separate checkpoint states (Lightning's own callbacks do the same).
+        plain = self._options.to_plain()
+        keys = ("every_n_steps", "include", "exclude", "clip")
+        return self._generate_state_key(**{k: plain[k] for k in keys})
 
-    @property
-    def signals(self) -> list[StepSignals]:
-        """Cheap signals of recent optimizer steps (copied to the host on logging steps)."""
-        return list(self._core.signals)
+    # -- per-fit state: bound to this fit's Trainer, released at teardown ------------------
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._release()  # left over from an interrupted fit of another Trainer, if any
+        if trainer.is_global_zero and trainer.loggers:
+            try:
+                self._open_panels(list(trainer.loggers))
+            except Exception as e:  # monitoring must never crash training
+                self._core.break_down(e)
 
-    @property
-    def names(self) -> list[str]:
-        """The watched modules (known from the start of training)."""
-        return list(self._core.names)
-
-    @property
-    def clipper(self) -> Any:
-        """The `gradwatch._clipping.Clipper` in use (``None`` with ``clip=None``)."""
-        return None if self._clip is None else self._clip.clipper
-
-    @property
-    def clip_events(self) -> list[ClipEvent]:
-        """Recent clipping events (the last ``10 * history``), ``step`` being
-        ``trainer.global_step``: every step in ``"always"`` mode, the clipped steps in
-        ``"reactive"`` mode, and every non-finite step."""
-        return [] if self._clip is None else list(self._clip.events)
-
-    # -- clipping: refusals --------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._clip is not None:
+        if self._clip is not None:  # refusals: a clear error instead of wrong gradients
             _check_clipping_setup(self._clip.spec, trainer)
 
-    # -- lifecycle ---------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._clip is not None:  # outside the monitoring's safety net: clipping must work
@@ -259,15 +183,12 @@ class _GradWatch:
                     )
                 )
                 return
-            if self._log_every_n_steps is None:
+            if self._options.log_every_n_steps is None:
                 self._core.log_every_n_steps = max(1, int(trainer.log_every_n_steps))
             self._core.bind(pl_module, start_step=trainer.global_step)
             self._core.attach()
             self._training = True
-            if self._writer is None and trainer.is_global_zero and trainer.loggers:
-                self._writer = _panel_writer(trainer.loggers, self._core.history, self.figures)
-                if self._writer is not None and self._core.names:
-                    self._writer.write_layout(self._core.names)
+            self._write_layout()
         except Exception as e:  # monitoring must never crash training
             self._core.break_down(e)
 
@@ -277,57 +198,14 @@ class _GradWatch:
         # after the precision plugin's scaler.unscale_ and after DDP's all-reduce, before the
         # parameters change: the monitor measures the raw gradients first, then they are
         # clipped, then the step's scalars (clip included) are published.
-        step = trainer.global_step
-        out = None
-        if self._training:
-            try:
-                out = self._core.finish_step(
-                    step,
-                    optimizer=optimizer,
-                    scaler=trainer.scaler,
-                    read_flags=self._clip is not None and self._clip.reactive,
-                )
-            except Exception as e:  # monitoring must never crash training
-                self._core.break_down(e)
-        event = None
-        if self._clip is not None and self._clipping:
-            event = self._clip.step(
-                step,
-                optimizer=optimizer,
-                model=pl_module,
-                outcome=out,
-                verdicts=self._core.verdicts,
-                monitoring=self._core.broken is None,
-                scaler=trainer.scaler,
-            )
-        if out is not None or event is not None:
-            try:
-                self._publish(out or StepOutcome(step), event)
-            except Exception as e:  # monitoring must never crash training
-                self._core.break_down(e)
-
-    def _publish(self, out: StepOutcome, event: ClipEvent | None = None) -> None:
-        for change in out.changes:
-            _warn(_change_message(change))
-        if self._writer is None:
-            return
-        extra = _signal_scalars(out.signals[-1]) if out.signals else {}
-        if event is not None and (
-            # every clip, every non-finite step, every reactive event, and the threshold on
-            # logging steps (in "always" mode an event comes every step)
-            event.clipped
-            or event.threshold is None
-            or not event.reason.startswith("always")
-            or self._core.is_logging_step(out.step)
-        ):
-            extra.update(ClipControl.scalars(event))
-        try:
-            if out.report is not None:
-                self._writer.write(out.step, out.report, extra_scalars=extra)
-            elif extra:
-                self._writer.write_scalars(out.step, extra)
-        except Exception as e:  # a logger problem must not stop monitoring or training
-            log.debug("gradwatch: could not write panels: %r", e)
+        self._finish_step(
+            trainer.global_step,
+            optimizer=optimizer,
+            model=pl_module,
+            scaler=trainer.scaler,
+            monitor=self._training,
+            clip=self._clipping,
+        )
 
     @override
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
@@ -340,103 +218,94 @@ class _GradWatch:
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._training = False
-        self._clipping = False
+        self._training = self._clipping = False
         self._core.detach()
         try:
             self._core.flush_signals()
-            latest = _latest(self._core.reports)
-            if latest and trainer.is_global_zero:
-                from gradwatch._outputs.messages import summary_table
-
-                table = summary_table(latest)
-                log.info("%s", table)
-                # shown like Lightning's own messages: a child of the Trainer's namespace
-                # logger, which Lightning gives a console handler at INFO level
-                root = "pytorch_lightning"
-                if type(trainer).__module__.startswith("lightning."):
-                    root = "lightning.pytorch"
-                logging.getLogger(f"{root}.gradwatch").info("%s", table)
+            if trainer.is_global_zero:
+                _log_summary(trainer, self._core.reports)
         except Exception as e:
             log.debug("gradwatch: no summary table: %r", e)
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._training = self._clipping = False
-        self._core.close()
+        if stage == "fit":
+            self._release()
 
     @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """End of a fit: no hooks, nothing recorded, no logger of that Trainer kept."""
         self._training = self._clipping = False
         self._core.close()
+        self._close_panels()
 
     # -- checkpointing -----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = self._core.state_dict()
-        if self._clip is not None:
-            state["clip"] = self._clip.state_dict()
-        return state
+        return self._state()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = dict(state_dict)
-        clip = state.pop("clip", None)
-        self._core.load_state_dict(state)
-        if self._clip is not None and clip is not None:
-            self._clip.load_state_dict(clip)
-        elif self._clip is not None:
-            log.info("gradwatch: the checkpoint holds no clipping state; clipping starts afresh")
+        self._load_state(state_dict)
+
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the configuration-dependent state_key hold the state
+        # under the class name: hand it to this callback (Lightning then loads it).
+        states = checkpoint.get("callbacks")
+        key = self.state_key
+        if isinstance(states, dict) and key not in states and _LEGACY_STATE_KEY in states:
+            states[key] = states[_LEGACY_STATE_KEY]
 
     def __getstate__(self) -> dict[str, Any]:
-        # Pickled as plain data: the constructor arguments and the checkpoint state. ddp_spawn
-        # pickles callbacks, and libraries such as darts pickle them inside a saved model and
-        # load it with a safe (allow-list) unpickler: no gradwatch internals, no writer, not
-        # the ``log``/``log_dict`` that Lightning attaches to every callback during fit.
-        return {"init": dict(self._init_kwargs), "state": self.state_dict()}
+        # Pickled as plain data: the options and the checkpoint state. ddp_spawn pickles
+        # callbacks, and libraries such as darts pickle them inside a saved model and load it
+        # with a safe (allow-list) unpickler: no gradwatch internals, no writer, not the
+        # ``log``/``log_dict`` that Lightning attaches to every callback during fit.
+        return {"options": self._options.to_plain(), "state": self.state_dict()}
 
     def __setstate__(self, data: dict[str, Any]) -> None:
-        self.__init__(**_from_plain(data["init"]))  # type: ignore[misc]
+        if "options" in data:
+            options = WatchOptions.from_plain(data["options"])
+        else:  # pickled before WatchOptions (e.g. inside a saved darts model)
+            options = WatchOptions.from_plain(_legacy_arguments(data["init"]))
+        self._configure(options, warn=_warn)
+        self._training = self._clipping = False
         self.load_state_dict(data["state"])
 
 
-def _plain_arguments(**kwargs: Any) -> dict[str, Any]:
-    """Constructor arguments with types replaced by qualified names and thresholds by a
-    dict, so a pickled GradWatch holds (almost) nothing but builtins."""
-    for key in ("include", "exclude"):
-        if kwargs[key] is not None:
-            kwargs[key] = [
-                {"type": f"{s.__module__}:{s.__qualname__}"} if isinstance(s, type) else s
-                for s in kwargs[key]
-            ]
-    thresholds = kwargs["thresholds"]
-    if thresholds is not None and hasattr(thresholds, "as_dict"):
-        kwargs["thresholds"] = {"thresholds": thresholds.as_dict()}
-    return kwargs
+_LEGACY_STATE_KEY = "GradWatch"  # the state_key of gradwatch <= 0.1.0.dev0
 
 
-def _from_plain(kwargs: dict[str, Any]) -> dict[str, Any]:
-    import importlib
+def _legacy_arguments(init: dict[str, Any]) -> dict[str, Any]:
+    """The pickled constructor arguments of an older GradWatch, as today's options: the
+    ``clip_*`` arguments become the Clipper's settings."""
+    init = dict(init)
+    moved = {k: init.pop(f"clip_{k}", None) for k in ("mode", "scope", "nonfinite")}
+    moved = {k: v for k, v in moved.items() if v is not None}
+    if moved and init.get("clip") is not None and not isinstance(init["clip"], Clipper):
+        init["clip"] = Clipper(init["clip"], **moved)
+    return init
 
-    kwargs = dict(kwargs)
-    for key in ("include", "exclude"):
-        if kwargs.get(key) is not None:
-            items = []
-            for s in kwargs[key]:
-                if isinstance(s, dict) and "type" in s:
-                    module, _, qualname = s["type"].partition(":")
-                    obj: Any = importlib.import_module(module)
-                    for part in qualname.split("."):
-                        obj = getattr(obj, part)
-                    s = obj
-                items.append(s)
-            kwargs[key] = items
-    thresholds = kwargs.get("thresholds")
-    if isinstance(thresholds, dict) and "thresholds" in thresholds:
-        from gradwatch._analysis.verdicts import Thresholds
 
-        kwargs["thresholds"] = Thresholds(**thresholds["thresholds"])
-    return kwargs
+def _log_summary(trainer: Any, reports: Mapping[int, Report]) -> None:
+    """The summary table of the latest verdict of every call, at the end of training."""
+    latest: dict[str, Any] = {}
+    for rep in reports.values():
+        latest.update(rep.modules)
+    if not latest:
+        return
+    from gradwatch._outputs.messages import summary_table
+
+    table = summary_table(latest)
+    log.info("%s", table)
+    # shown like Lightning's own messages: a child of the Trainer's namespace logger, which
+    # Lightning gives a console handler at INFO level
+    root = "lightning.pytorch" if type(trainer).__module__.startswith("lightning.") else None
+    logging.getLogger(f"{root or 'pytorch_lightning'}.gradwatch").info("%s", table)
 
 
 _UNSUPPORTED_STRATEGIES = {
@@ -482,41 +351,6 @@ def _check_clipping_setup(spec: str, trainer: Any) -> None:
                     "they could be clipped. Use a non-fused optimizer (foreach is fast too), "
                     "bf16-mixed, or GradWatch(clip=None)"
                 )
-
-
-def _latest(reports: dict[int, Report]) -> dict[str, Any]:
-    latest: dict[str, Any] = {}
-    for rep in reports.values():
-        latest.update(rep.modules)
-    return latest
-
-
-def _panel_writer(loggers: list[Any], history: int, figures: bool) -> Any:
-    try:
-        from gradwatch._outputs.panels import PanelWriter
-    except ImportError:
-        return None
-    return PanelWriter(list(loggers), history=max(history, 1), figures=figures)
-
-
-def _signal_scalars(s: StepSignals) -> dict[str, float]:
-    from gradwatch._outputs.scalars import module_tag
-
-    out = {module_tag(n, "param_grad_norm"): v for n, v in s.grad_norm.items()}
-    out.update({module_tag(n, "injected_grad_norm"): v for n, v in s.injected.items()})
-    out["gradwatch/step/skipped"] = float(s.skipped)
-    out["gradwatch/step/spike"] = float(s.spike)
-    return out
-
-
-def _change_message(change: Any) -> str:
-    try:
-        from gradwatch._outputs.messages import change_message
-
-        return change_message(change.report, change.old, change.new, change.report.seq_len)
-    except Exception:
-        m = change.report
-        return f"gradwatch: {change.name}: {change.old} -> {change.new}. {m.explain()}"
 
 
 class GradWatch(_GradWatch, *_callback_bases()):  # type: ignore[misc]

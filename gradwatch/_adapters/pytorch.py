@@ -1,7 +1,7 @@
 """``gradwatch.Monitor``: the training-loop monitor for plain PyTorch (no Lightning needed).
 
 ```python
-mon = gradwatch.Monitor(model)
+mon = gradwatch.Monitor(model, log_dir="runs/exp1")   # panels optional
 for x, y in loader:
     loss = loss_fn(model(x), y)
     loss.backward()
@@ -15,28 +15,26 @@ mon.verdicts                     # {"encoder.rnn": "healthy", ...}
 
 from __future__ import annotations
 
+import os
 import weakref
 from types import TracebackType
 from typing import Any
 
 from torch import nn
+from typing_extensions import Unpack
 
+from gradwatch._adapters._watcher import Watcher
 from gradwatch._analysis.report import Report
-from gradwatch._capture import Selectors
-from gradwatch._clipping import ClipEvent
-from gradwatch._engine.monitor import (
-    DEFAULT_EVERY_N_STEPS,
-    ClipControl,
-    MonitorCore,
-    StepOutcome,
-    StepSignals,
-    scaler_info,
-)
+from gradwatch._engine._common import scaler_info
+from gradwatch._engine.options import WatchArgs, watch_options
 
 __all__ = ["Monitor"]
 
+#: ``log_every_n_steps=None`` in a plain loop (Lightning's default interval).
+DEFAULT_LOG_EVERY_N_STEPS = 50
 
-class Monitor:
+
+class Monitor(Watcher):
     """Watch the recurrent modules of ``model`` over a hand-written training loop.
 
     Call `step` once per optimizer step, after the last ``backward()`` of the step
@@ -51,35 +49,42 @@ class Monitor:
     Args:
         model: The model; its recurrent modules (``nn.RNN``/``LSTM``/``GRU`` and the cells)
             are found by type. Create the monitor after the model is fully built.
-        every_n_steps: Capture (replay and diagnose) every this many optimizer steps,
-            starting with the first. Default 100.
-        include: Only watch modules matching these ``fnmatch`` name patterns or types.
-        exclude: Do not watch modules matching these patterns or types.
-        spike_factor: A cheap signal this many times above its running level (an
-            exponential average of its log over about 10 steps) triggers a capture.
-            ``math.inf`` disables spike captures; non-finite values always trigger one.
-        warmup_steps: Steps of running level before spikes are detected.
-        history: Number of captured reports kept in `reports` (the oldest are
-            dropped); the cheap-signal history keeps ``10 * history`` steps.
-        log_every_n_steps: Copy the cheap signals to the host every this many steps (the
-            only host synchronisation outside captures); ``None``: only on captures.
-        thresholds: `gradwatch._analysis.verdicts.Thresholds` for the verdicts.
         scaler: The ``torch.amp.GradScaler`` of the loop, if any: captured gradients are
             divided by its scale, and steps it skips are reported as skipped.
-        async_flags: Read the spike flag one step late without stalling the device
-            (default: on CUDA). A spike at step ``s`` is then captured at step ``s + 2``;
-            on the CPU it is captured at step ``s`` itself.
-        clip: Gradient clipping in `step` (see ``docs/clipping.md``); ``None`` (the
+        log_dir: Write gradwatch's TensorBoard panels (the same as `GradWatch` writes) to
+            a ``SummaryWriter`` on this directory, closed by `close`.
+        writer: Or write them to this ``SummaryWriter`` (or Lightning logger) of yours; it
+            is flushed, not closed, by `close`.
+
+    Keyword Args:
+        every_n_steps (int): Capture (replay and diagnose) every this many optimizer steps, starting
+            with the first. Default 100.
+        include (Selectors): Only watch modules matching these ``fnmatch`` name patterns or types
+            (one, or an iterable of them).
+        exclude (Selectors): Do not watch modules matching these patterns or types.
+        spike_factor (float): A cheap signal this many times above its running level (an exponential
+            average of its log over about 10 steps) triggers a capture. ``math.inf`` disables spike
+            captures; non-finite values always trigger one.
+        warmup_steps (int): Steps of running level before spikes are detected.
+        history (int): Number of captured reports kept in `reports` (the oldest are dropped); the
+            cheap-signal history keeps ``10 * history`` steps.
+        log_every_n_steps (int | None): Copy the cheap signals to the host (and to the panels) every
+            this many steps, the only host synchronisation outside captures. Default 50.
+        thresholds (Thresholds | None): A `gradwatch.Thresholds` for the verdicts.
+        clip (ClipSpec): Gradient clipping in `step` (see ``docs/clipping.md``); ``None`` (the
             default) never touches gradients. A strategy name (``"norm"``, ``"value"``,
-            ``"autoclip"``, ``"zscore"``, ``"agc"``), a configured ``ClipStrategy`` or a
-            configured ``Clipper`` (then leave the ``clip_*`` arguments out).
-        clip_mode: ``"always"`` (default) or ``"reactive"`` (only on steps with a spike or
-            non-finite flag, or while the latest verdict is exploding or non-finite).
-        clip_scope: ``"all"`` (default: the parameters of the optimizer passed to
-            `step`, else the model's) or ``"recurrent"``.
-        clip_nonfinite: ``"skip"`` (default: every gradient of the step set to ``None``, so
-            ``optimizer.step()`` leaves the parameters and its state as they are),
-            ``"zero"`` or ``"leave"``.
+            ``"autoclip"``, ``"zscore"``, ``"agc"``), a configured ``ClipStrategy``, or a
+            `gradwatch.Clipper`, which also sets the mode, the scope (``"all"``: the parameters of
+            the optimizer passed to `step`, else the model's) and the non-finite policy (``"skip"``:
+            every gradient of the step set to ``None``, so ``optimizer.step()`` leaves the
+            parameters and its state as they are).
+        figures (bool): Render figures on captures when panels are written.
+        async_flags (bool | None): Read the spike flag one step late without stalling the device
+            (default: on CUDA). A spike at step ``s`` is then captured at step ``s + 2``; on the CPU
+            it is captured at step ``s`` itself.
+
+    The options are keyword-only and the same as `GradWatch`'s; they make a frozen
+    `gradwatch.WatchOptions` (`options`), and each is a read-only attribute.
 
     Raises:
         ValueError: An argument is invalid (the message names it).
@@ -89,52 +94,36 @@ class Monitor:
         self,
         model: nn.Module,
         *,
-        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
-        include: Selectors | None = None,
-        exclude: Selectors | None = None,
-        spike_factor: float = 10.0,
-        warmup_steps: int = 10,
-        history: int = 100,
-        log_every_n_steps: int | None = 50,
-        thresholds: Any = None,
         scaler: Any = None,
-        async_flags: bool | None = None,
-        clip: Any = None,
-        clip_mode: str | None = None,
-        clip_scope: str | None = None,
-        clip_nonfinite: str | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        writer: Any = None,
+        **options: Unpack[WatchArgs],
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if scaler is not None and not hasattr(scaler, "get_scale"):
             raise ValueError(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
-        self.core = MonitorCore(
-            every_n_steps=every_n_steps,
-            include=include,
-            exclude=exclude,
-            spike_factor=spike_factor,
-            warmup_steps=warmup_steps,
-            history=history,
-            log_every_n_steps=log_every_n_steps,
-            thresholds=thresholds,
-            async_flags=async_flags,
-        )
-        self._clip = ClipControl.build(
-            clip,
-            clip_mode=clip_mode,
-            clip_scope=clip_scope,
-            clip_nonfinite=clip_nonfinite,
-            history=history,
-            warn=self.core.warn,
-        )
+        if log_dir is not None and writer is not None:
+            raise ValueError("log_dir and writer: pass one of them (where the panels go)")
+        self._configure(watch_options("Monitor", dict(options)))
+        if self._options.log_every_n_steps is None:
+            self._core.log_every_n_steps = DEFAULT_LOG_EVERY_N_STEPS
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
         self.scaler = scaler
         self.global_step = 0
-        self.core.bind(model, start_step=0)
-        self.core.attach()
+        self._own_writer: Any = None
+        self._core.bind(model, start_step=0)
+        self._core.attach()
         if self._clip is not None:
-            self._clip.bind(model, self.core.include, self.core.exclude)
+            self._clip.bind(model, self._core.include, self._core.exclude)
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = self._own_writer = SummaryWriter(log_dir=os.fspath(log_dir))
+        if writer is not None:
+            self._open_panels(writer)
+            self._write_layout()
 
     # -- driving -----------------------------------------------------------------------------
     def step(self, optimizer: Any = None) -> Report | None:
@@ -154,35 +143,10 @@ class Monitor:
         """
         step = self.global_step
         self.global_step += 1
-        clip = self._clip
-        out: StepOutcome | None = None
-        try:
-            out = self.core.finish_step(
-                step,
-                optimizer=optimizer,
-                scaler=self.scaler,
-                read_flags=clip is not None and clip.reactive,
-            )
-        except Exception as e:  # monitoring must never crash training
-            self.core.break_down(e)
-        if clip is not None:
-            self._unscale(optimizer)
-            clip.step(
-                step,
-                optimizer=optimizer,
-                model=self.model,
-                outcome=out,
-                verdicts=self.core.verdicts,
-                monitoring=self.core.broken is None,
-                scaler=self.scaler,
-            )
-        if out is None:
-            return None
-        for change in out.changes:
-            self.core.warn(_change_message(change))
-        return out.report
+        out = self._finish_step(step, optimizer=optimizer, model=self.model, scaler=self.scaler)
+        return None if out is None else out.report
 
-    def _unscale(self, optimizer: Any) -> None:
+    def _before_clip(self, optimizer: Any) -> None:
         """Unscale the gradients before clipping them, once (GradScaler's own bookkeeping)."""
         scale, grads_scaled, _ = scaler_info(self.scaler, optimizer)
         if scale is None or not grads_scaled:
@@ -206,9 +170,13 @@ class Monitor:
         return self._model if self._model is not None else self._model_ref()
 
     def close(self) -> None:
-        """Remove every hook and release everything recorded (idempotent). The results
-        (`reports`, `verdicts`, `signals`) stay; the model is no longer held."""
-        self.core.close()
+        """Remove every hook, release everything recorded and flush the panels (closing the
+        writer of ``log_dir``); idempotent. The results stay readable."""
+        self._core.close()
+        self._close_panels()
+        own, self._own_writer = self._own_writer, None
+        if own is not None:
+            own.close()
         self._model = None
 
     def __enter__(self) -> Monitor:
@@ -222,63 +190,14 @@ class Monitor:
     ) -> None:
         self.close()
 
-    # -- results -----------------------------------------------------------------------------
-    @property
-    def reports(self) -> dict[int, Report]:
-        """Captured reports by optimizer step (0-based), the last ``history`` of them."""
-        return dict(self.core.reports)
-
-    @property
-    def verdicts(self) -> dict[str, str]:
-        """Latest verdict of every watched module call (with hysteresis)."""
-        return self.core.verdicts
-
-    @property
-    def signals(self) -> list[StepSignals]:
-        """Cheap signals of recent steps (copied to the host on logging steps)."""
-        self.core.flush_signals()
-        return list(self.core.signals)
-
-    @property
-    def names(self) -> list[str]:
-        """The watched modules."""
-        return list(self.core.names)
-
-    @property
-    def clipper(self) -> Any:
-        """The `gradwatch._clipping.Clipper` in use (``None`` with ``clip=None``)."""
-        return None if self._clip is None else self._clip.clipper
-
-    @property
-    def clip_events(self) -> list[ClipEvent]:
-        """Recent clipping events (the last ``10 * history``): every step in ``"always"``
-        mode, the flagged steps in ``"reactive"`` mode, and every non-finite step."""
-        return [] if self._clip is None else list(self._clip.events)
-
+    # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Detector state, history and clipping state: plain types and CPU tensors only."""
-        state = {"global_step": self.global_step, **self.core.state_dict()}
-        if self._clip is not None:
-            state["clip"] = self._clip.state_dict()
-        return state
+        return {"global_step": self.global_step, **self._state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        step = state.pop("global_step", 0)
-        clip = state.pop("clip", None)
-        if self._clip is not None and clip is not None:
-            self._clip.load_state_dict(clip)
-        self.core.load_state_dict(state)
-        self.global_step = int(step)
-        self.core.plan_step(self.global_step)
-
-
-def _change_message(change: Any) -> str:
-    """One log line for a verdict change (the panels' message when available)."""
-    try:
-        from gradwatch._outputs.messages import change_message
-
-        return change_message(change.report, change.old, change.new, change.report.seq_len)
-    except Exception:
-        m = change.report
-        return f"gradwatch: {change.name}: {change.old} -> {change.new}. {m.explain()}"
+        step = int(state.pop("global_step", 0))
+        self._load_state(state)
+        self.global_step = step
+        self._core.plan_step(step)

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 __all__ = [
     "CAUSES",
     "CELL_KINDS",
+    "EXPLODING_VERDICTS",
     "FUSED_KINDS",
     "GATED_KINDS",
     "GATES",
@@ -31,6 +32,8 @@ Verdict = Literal["healthy", "vanishing", "exploding", "nonfinite"]
 VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 # The verdicts that signal a problem (what reactive clipping and CI gates act on).
 PROBLEM_VERDICTS: tuple[Verdict, ...] = VERDICTS[1:]
+# The problems clipping can act on (reactive clipping engages on them; vanishing it cannot fix).
+EXPLODING_VERDICTS: tuple[Verdict, ...] = ("exploding", "nonfinite")
 
 FusedKind = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 CellKind = Literal["LSTMCell", "GRUCell", "RNNCell"]

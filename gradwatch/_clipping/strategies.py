@@ -18,7 +18,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 from torch import Tensor
 
@@ -30,10 +30,14 @@ __all__ = [
     "AutoClip",
     "ClipStrategy",
     "NormClip",
+    "StrategyName",
     "ValueClip",
     "ZScoreClip",
     "resolve_strategy",
 ]
+
+#: The strategy names `resolve_strategy` accepts (each with its published defaults).
+StrategyName = Literal["norm", "value", "autoclip", "zscore", "agc"]
 
 
 def _positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
@@ -380,8 +384,8 @@ class ZScoreClip(ClipStrategy):
 _BY_NAME: dict[str, type[ClipStrategy]] = {
     cls.name: cls for cls in (NormClip, ValueClip, AutoClip, ZScoreClip, AGC)
 }
-#: The names `resolve_strategy` accepts.
-STRATEGY_NAMES: tuple[str, ...] = tuple(_BY_NAME)
+STRATEGY_NAMES: tuple[StrategyName, ...] = get_args(StrategyName)
+assert set(STRATEGY_NAMES) == set(_BY_NAME), "StrategyName and the strategy classes differ"
 
 
 def resolve_strategy(spec: str | ClipStrategy) -> ClipStrategy:

@@ -16,20 +16,19 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from gradwatch._base.vocabulary import EXPLODING_VERDICTS
 from gradwatch._capture import Selectors, select_modules
 from gradwatch._clipping import ClipEvent, Clipper
 from gradwatch._engine._common import Warn, is_rank_zero, log, scaler_info
 from gradwatch._engine.signals import StepOutcome
 
-__all__ = ["REACTIVE_VERDICTS", "ClipControl"]
+__all__ = ["ClipControl"]
 
-_CLIP_CHOICES = {
-    "clip_mode": ("always", "reactive"),
-    "clip_scope": ("all", "recurrent"),
-    "clip_nonfinite": ("skip", "zero", "leave"),
+_NONFINITE_ACTIONS = {
+    "skip": "the optimizer step is skipped (gradients set to None)",
+    "zero": "gradients zeroed",
+    "leave": "gradients left as they are",
 }
-#: Verdicts of the latest capture that make reactive clipping engage.
-REACTIVE_VERDICTS = ("exploding", "nonfinite")
 
 
 class ClipControl:
@@ -53,46 +52,14 @@ class ClipControl:
         self._cache: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
 
     @staticmethod
-    def build(
-        clip: Any,
-        *,
-        clip_mode: str | None,
-        clip_scope: str | None,
-        clip_nonfinite: str | None,
-        history: int,
-        warn: Warn,
-    ) -> ClipControl | None:
-        """Validate the constructor arguments of an adapter; ``None`` when ``clip is None``."""
-        given = {"clip_mode": clip_mode, "clip_scope": clip_scope, "clip_nonfinite": clip_nonfinite}
-        for name, value in given.items():
-            if value is not None and value not in _CLIP_CHOICES[name]:
-                options = ", ".join(repr(v) for v in _CLIP_CHOICES[name])
-                raise ValueError(f"{name} must be one of {options}, got {value!r}")
-        set_ = [f"{k}={v!r}" for k, v in given.items() if v is not None]
+    def build(clip: Any, *, history: int, warn: Warn) -> ClipControl | None:
+        """The control for an adapter's validated ``clip`` option; ``None`` for ``None``.
+
+        A name or a strategy gets a `Clipper` with its defaults (mode ``"always"``, scope
+        ``"all"``, non-finite ``"skip"``); configure a `Clipper` to change them."""
         if clip is None:
-            if set_:
-                raise ValueError(
-                    f"{', '.join(set_)} has no effect without clip=...: pass a strategy, e.g. "
-                    "clip='autoclip', or leave these arguments out"
-                )
             return None
-        if isinstance(clip, Clipper):
-            if set_:
-                raise ValueError(
-                    f"clip is a configured Clipper ({clip!r}); set mode, scope and nonfinite on "
-                    f"the Clipper itself instead of {', '.join(set_)}"
-                )
-            clipper = clip
-        else:
-            try:
-                clipper = Clipper(
-                    clip,
-                    mode=clip_mode or "always",  # type: ignore[arg-type]
-                    scope=clip_scope or "all",  # type: ignore[arg-type]
-                    nonfinite=clip_nonfinite or "skip",  # type: ignore[arg-type]
-                )
-            except ValueError as e:
-                raise ValueError(f"clip={clip!r}: {e}") from None
+        clipper = clip if isinstance(clip, Clipper) else Clipper(clip)
         return ClipControl(clipper, spec=f"clip={clip!r}", history=history, warn=warn)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn
@@ -154,11 +121,11 @@ class ClipControl:
         non-finite flag, or an exploding / non-finite verdict of the latest capture."""
         flags = outcome.flags if outcome is not None else None
         if flags is not None:
-            if flags[1]:
+            if flags.nonfinite:
                 return "non-finite signal"
-            if flags[0]:
+            if flags.spike:
                 return "spike"
-        bad = sorted(n for n, v in verdicts.items() if v in REACTIVE_VERDICTS)
+        bad = sorted(n for n, v in verdicts.items() if v in EXPLODING_VERDICTS)
         if bad:
             return f"{verdicts[bad[0]]} verdict: {', '.join(bad)}"
         return None
@@ -212,10 +179,10 @@ class ClipControl:
         elif why is not None:
             event = dataclasses.replace(event, reason=f"reactive: {why}")
         self.events.append(event)
-        self._log(event, amp_skip)
+        self._log(event, amp_skip, why)
         return event
 
-    def _log(self, e: ClipEvent, amp_skip: bool) -> None:
+    def _log(self, e: ClipEvent, amp_skip: bool, why: str | None) -> None:
         if is_rank_zero() and log.isEnabledFor(logging.DEBUG):
             threshold = "-" if e.threshold is None else f"{e.threshold:.4g}"
             log.debug(
@@ -229,11 +196,7 @@ class ClipControl:
                 " (warm-up)" if e.warmup else "",
             )
         if e.threshold is None and not amp_skip:
-            action = {
-                "skip": "the optimizer step is skipped (gradients set to None)",
-                "zero": "gradients zeroed",
-                "leave": "gradients left as they are",
-            }[self.clipper.nonfinite]
+            action = _NONFINITE_ACTIONS[self.clipper.nonfinite]
             self._warn_once(
                 "<nonfinite>",
                 f"gradwatch: non-finite gradient norm ({e.total_norm}) at step {e.step}: "
@@ -244,18 +207,11 @@ class ClipControl:
             self.engaged = True
             self._warn_once(
                 "<engaged>",
-                f"gradwatch: reactive clipping engaged at step {e.step} ({e.reason[10:]}): "
+                f"gradwatch: reactive clipping engaged at step {e.step} ({why}): "
                 f"gradient norm {e.total_norm:.3g} clipped by {e.coefficient:.3g} "
                 f"({e.strategy}, threshold {e.threshold:.3g}); later clips are logged at debug "
                 "level and in the gradwatch/clip/* scalars",
             )
-
-    @staticmethod
-    def scalars(e: ClipEvent) -> dict[str, float]:
-        """``gradwatch/clip/*`` scalars of one event."""
-        from gradwatch._outputs.scalars import clip_scalars
-
-        return clip_scalars(e)
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

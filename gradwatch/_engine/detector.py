@@ -17,12 +17,12 @@ Two implementations of the same arithmetic (float64, identical decisions on ever
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["DeviceFlag", "HostFlag", "SpikeDetector"]
+__all__ = ["DeviceFlag", "HostFlag", "SpikeDetector", "StepFlags"]
 
 EMA_ALPHA = 0.1  # smoothing of the running log10 norm (about 10 steps)
 
@@ -32,6 +32,14 @@ def _log10(v: float) -> float:
     if v > 0:
         return math.log10(v)  # inf for inf
     return -math.inf if v == 0 else math.nan
+
+
+class StepFlags(NamedTuple):
+    """The detector's verdict on one optimizer step, read on the host."""
+
+    spike: bool  # a signal rose more than spike_factor above its running level
+    nonfinite: bool  # a non-finite value, outside a loss-scaled step
+    skipped: bool  # the GradScaler skips the step (inf/NaN in the scaled gradients)
 
 
 class SpikeDetector:
@@ -104,9 +112,7 @@ class SpikeDetector:
         return torch.stack([spike.any(), nonfinite, skipped.reshape(())]).to(torch.uint8)
 
     # -- host path ------------------------------------------------------------------------
-    def update_host(
-        self, sig: list[list[float]], amp: bool, found_inf: Tensor | None
-    ) -> tuple[bool, bool, bool]:
+    def update_host(self, sig: list[list[float]], amp: bool, found_inf: Tensor | None) -> StepFlags:
         """The same as `update` on Python floats (``sig`` as nested lists)."""
         m = len(sig[0])
         if self._host is None and self._ema is not None and self._ema.shape[1] == m:
@@ -120,8 +126,8 @@ class SpikeDetector:
         check = math.isfinite(self.spike_factor)
         log_factor = math.log10(self.spike_factor) if check else math.inf
         spike = nonfinite = False
-        for r in range(2):
-            values, present, ema, count = sig[r], sig[2 + r], emas[r], counts[r]
+        # rows: the values of both signals, then their presence counts (see signals.py)
+        for values, present, ema, count in zip(sig[:2], sig[2:], emas, counts, strict=True):
             for i in range(m):
                 if not present[i] > 0:
                     continue
@@ -141,7 +147,7 @@ class SpikeDetector:
         if amp:  # under a GradScaler, inf/NaN means the scaler skips the step
             skipped = nonfinite or (found_inf is not None and float(found_inf) > 0)
             nonfinite = False
-        return spike, nonfinite, skipped
+        return StepFlags(spike, nonfinite, skipped)
 
 
 class DeviceFlag:
@@ -159,17 +165,17 @@ class DeviceFlag:
         else:
             self.host = flags.to("cpu", non_blocking=True)
 
-    def read(self) -> list[bool]:
+    def read(self) -> StepFlags:
         if self.event is not None:
             self.event.synchronize()  # recorded a whole step ago: already complete
-        return [bool(v) for v in self.host.tolist()]
+        return StepFlags(*(bool(v) for v in self.host.tolist()))
 
 
 class HostFlag:
     """Flags computed on the host: nothing to wait for."""
 
-    def __init__(self, flags: tuple[bool, bool, bool]) -> None:
-        self.flags: Any = flags
+    def __init__(self, flags: StepFlags) -> None:
+        self.flags = flags
 
-    def read(self) -> list[bool]:
-        return list(self.flags)
+    def read(self) -> StepFlags:
+        return self.flags

@@ -23,92 +23,57 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from gradwatch._analysis import analyze
 from gradwatch._analysis.report import Report
-from gradwatch._capture import Recorder, Selectors, normalize_selectors, select_modules
+from gradwatch._capture import Recorder, select_modules
 from gradwatch._capture.families import looked_for
-from gradwatch._engine._common import Warn, check_int, default_warn, scaler_info
-from gradwatch._engine.clip_control import REACTIVE_VERDICTS, ClipControl
-from gradwatch._engine.detector import DeviceFlag, HostFlag, SpikeDetector
-from gradwatch._engine.merge import build_step_report, merge_module_reports
+from gradwatch._engine._common import Warn, default_warn, scaler_info
+from gradwatch._engine.detector import DeviceFlag, HostFlag, SpikeDetector, StepFlags
+from gradwatch._engine.merge import build_step_report
+from gradwatch._engine.options import WatchOptions
 from gradwatch._engine.signals import CheapSignals, StepOutcome, StepSignals
 
-__all__ = [
-    "DEFAULT_EVERY_N_STEPS",
-    "REACTIVE_VERDICTS",
-    "ClipControl",
-    "MonitorCore",
-    "StepOutcome",
-    "StepSignals",
-    "merge_module_reports",
-    "scaler_info",
-]
+__all__ = ["MonitorCore"]
 
-#: Default capture interval in optimizer steps. A capture replays every watched recurrence
-#: once (about 0.7-1.3x the module's own forward and backward on the CPU, see
-#: docs/benchmarks.md) and diagnoses it, so the amortised cost is about 1% of a step at 100.
-#: Vanishing/exploding regimes change over hundreds of steps; sudden explosions are caught at
-#: every step by the cheap signals, which trigger a capture of their own.
-DEFAULT_EVERY_N_STEPS = 100
+
+class _Pending(NamedTuple):
+    """One step's cheap signals and flags, still where they were computed (device or host)."""
+
+    step: int
+    signals: Any  # [4, M]: a device tensor, or nested lists on the host (see signals.py)
+    flags: Any  # a uint8 [3] device tensor, or StepFlags
+    captured: str | None
+
+
 _PENDING_MAX = 1000  # cheap signals kept on the device at most before a transfer
 
 
 class MonitorCore:
     """Schedule, cheap signals, capture, merging, reduction, detector state and history.
 
-    See `gradwatch.Monitor` and `gradwatch.GradWatch` for the arguments.
+    ``options`` are the validated `WatchOptions` of the adapter that owns it.
     """
 
-    def __init__(
-        self,
-        *,
-        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
-        include: Selectors | None = None,
-        exclude: Selectors | None = None,
-        spike_factor: float = 10.0,
-        warmup_steps: int = 10,
-        history: int = 100,
-        log_every_n_steps: int | None = 50,
-        thresholds: Any = None,
-        async_flags: bool | None = None,
-        warn: Warn | None = None,
-    ) -> None:
-        check_int("every_n_steps", every_n_steps, 1)
-        check_int("warmup_steps", warmup_steps, 0)
-        check_int("history", history, 1)
-        check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
-        if (
-            isinstance(spike_factor, bool)
-            or not isinstance(spike_factor, int | float)
-            or not spike_factor > 1
-        ):
-            raise ValueError(
-                f"spike_factor must be a number > 1 (math.inf turns spike detection off), "
-                f"got {spike_factor!r}"
-            )
-        if async_flags is not None and not isinstance(async_flags, bool):
-            raise ValueError(f"async_flags must be True, False or None, got {async_flags!r}")
-        self.include = normalize_selectors(include, "include")
-        self.exclude = normalize_selectors(exclude, "exclude")
-        if thresholds is not None:
-            from gradwatch._analysis.verdicts import Thresholds
-
-            if not isinstance(thresholds, Thresholds):
-                raise ValueError(f"thresholds must be a gradwatch.Thresholds, got {thresholds!r}")
-        self.every_n_steps = every_n_steps
-        self.detector = SpikeDetector(float(spike_factor), warmup_steps)
-        self.history = history
-        self.log_every_n_steps = log_every_n_steps
-        self.thresholds = thresholds
-        self.async_flags = async_flags
+    def __init__(self, options: WatchOptions | None = None, *, warn: Warn | None = None) -> None:
+        options = options or WatchOptions()
+        self.options = options
+        self.include = options.include
+        self.exclude = options.exclude
+        self.every_n_steps = options.every_n_steps
+        self.detector = SpikeDetector(float(options.spike_factor), options.warmup_steps)
+        self.history = options.history
+        # ``None`` until the adapter knows its loop's interval (the Trainer's)
+        self.log_every_n_steps = options.log_every_n_steps
+        self.thresholds = options.thresholds
+        self.async_flags = options.async_flags
         self.warn: Warn = warn or default_warn
         self.reports: OrderedDict[int, Report] = OrderedDict()
-        self.signals: deque[StepSignals] = deque(maxlen=10 * history)
+        self.signals: deque[StepSignals] = deque(maxlen=10 * self.history)
         self.tracker = self._make_tracker()
         self._init_runtime()
 
@@ -119,7 +84,7 @@ class MonitorCore:
         self._cheap = CheapSignals([], torch.device("cpu"))
         self._device = torch.device("cpu")
         self._loaded: dict[str, Any] | None = getattr(self, "_loaded", None)
-        self._pending: list[tuple[int, Any, Any, str | None]] = []
+        self._pending: list[_Pending] = []
         self._flags: deque[DeviceFlag | HostFlag] = deque()
         self._planned: str | None = None
         self._sync = True
@@ -143,32 +108,7 @@ class MonitorCore:
 
         return VerdictTracker(self.thresholds)
 
-    @property
-    def spike_factor(self) -> float:
-        return self.detector.spike_factor
-
-    @spike_factor.setter
-    def spike_factor(self, value: float) -> None:
-        self.detector.spike_factor = float(value)
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.detector.warmup_steps
-
-    @warmup_steps.setter
-    def warmup_steps(self, value: int) -> None:
-        self.detector.warmup_steps = value
-
     # -- results ---------------------------------------------------------------------------
-    @property
-    def _ema(self) -> Tensor | None:
-        """The spike detector's running log10 levels (``[2, M]`` float64)."""
-        return self.detector.ema
-
-    @property
-    def _count(self) -> Tensor | None:
-        return self.detector.count
-
     @property
     def verdicts(self) -> dict[str, str]:
         """Latest verdict of every watched module call, with hysteresis."""
@@ -289,11 +229,11 @@ class MonitorCore:
             flag = DeviceFlag(self.detector.update(sig, scale is not None, found_inf))
 
         reason = self._planned
-        now: list[bool] | None = None
+        now: StepFlags | None = None
         if self._sync:
             now = flag.read()
-            if reason is None and session.retaining and (now[0] or now[1]):
-                reason = "nonfinite" if now[1] else "spike"
+            if reason is None and session.retaining and (now.spike or now.nonfinite):
+                reason = "nonfinite" if now.nonfinite else "spike"
         elif reason is not None:  # a capture step synchronises anyway
             now = flag.read()
         else:
@@ -303,7 +243,7 @@ class MonitorCore:
         results, failures = session.finish(replay=reason is not None)
 
         report = None
-        skipped = bool(now[2]) if now is not None else False
+        skipped = now.skipped if now is not None else False
         changes: tuple[Any, ...] = ()
         if reason is not None:
             report, failures = build_step_report(results, failures, scale)
@@ -316,7 +256,7 @@ class MonitorCore:
             self.reports[step] = report
             while len(self.reports) > self.history:
                 self.reports.popitem(last=False)
-        self._pending.append((step, sig, flag.flags, reason))
+        self._pending.append(_Pending(step, sig, flag.flags, reason))
         materialised: tuple[StepSignals, ...] = ()
         if reason is not None or self.is_logging_step(step) or len(self._pending) > _PENDING_MAX:
             materialised = self.flush_signals()
@@ -324,13 +264,12 @@ class MonitorCore:
         forced = None
         if not self._sync and len(self._flags) > 1:  # the previous step's flags, one step late
             old = self._flags.popleft().read()
-            if old[1]:
+            if old.nonfinite:
                 forced = "nonfinite"
-            elif old[0]:
+            elif old.spike:
                 forced = "spike"
         self.plan_step(step + 1, forced)
-        read = None if now is None else (bool(now[0]), bool(now[1]), bool(now[2]))
-        return StepOutcome(step, report, reason, skipped, changes, materialised, read)
+        return StepOutcome(step, report, reason, skipped, changes, materialised, now)
 
     def _handle_failures(self, failures: Mapping[str, str]) -> None:
         if self.session is None:
@@ -352,28 +291,23 @@ class MonitorCore:
         if not self._pending:
             return ()
         pending, self._pending = self._pending, []
-        on_device = [i for i, p in enumerate(pending) if isinstance(p[1], Tensor)]
-        rows: list[Any] = [p[1] for p in pending]
-        flags: list[Any] = [p[2] for p in pending]
+        on_device = [i for i, p in enumerate(pending) if isinstance(p.signals, Tensor)]
+        rows: list[Any] = [p.signals for p in pending]
+        flags: list[Any] = [p.flags for p in pending]
         if on_device:
             sigs = torch.stack([rows[i] for i in on_device]).cpu().tolist()
             fls = torch.stack([flags[i] for i in on_device]).cpu().tolist()
             for i, sig, fl in zip(on_device, sigs, fls, strict=True):
                 rows[i], flags[i] = sig, fl
         out = []
-        for (step, _, _, reason), sig, fl in zip(pending, rows, flags, strict=True):
-            per = []
-            for r in range(2):
-                cnt = sig[2 + r]
-                per.append(
-                    {
-                        n: sig[r][i] / max(cnt[i], 1.0)
-                        for i, n in enumerate(self.names)
-                        if cnt[i] > 0
-                    }
-                )
-            spike, nonfinite, skipped = (bool(v) for v in fl)
-            s = StepSignals(step, per[0], per[1], spike, nonfinite, skipped, reason)
+        for p, sig, fl in zip(pending, rows, flags, strict=True):
+            # rows: the values of both signals, then how many ranks measured each (their mean)
+            injected, grad_norm = (
+                {n: v[i] / max(c[i], 1.0) for i, n in enumerate(self.names) if c[i] > 0}
+                for v, c in zip(sig[:2], sig[2:], strict=True)
+            )
+            flag = StepFlags(*(bool(v) for v in fl))
+            s = StepSignals(p.step, injected, grad_norm, *flag, p.captured)
             self.signals.append(s)
             out.append(s)
         return tuple(out)

@@ -21,11 +21,9 @@ from torch import Tensor, nn
 
 from gradwatch._analysis.report import Report
 from gradwatch._engine._common import distributed
+from gradwatch._engine.detector import StepFlags
 
 __all__ = ["CheapSignals", "StepOutcome", "StepSignals"]
-
-#: ``[values..., presence...]``: the rows of a step's signal matrix.
-SIGNAL_ROWS = ("injected", "grad_norm")
 
 
 @dataclass(frozen=True)
@@ -68,9 +66,9 @@ class StepOutcome:
     skipped: bool = False
     changes: tuple[Any, ...] = ()
     signals: tuple[StepSignals, ...] = ()  # materialised on this step (logging steps)
-    #: This step's ``(spike, nonfinite, skipped)`` flags when they were read on the host at
-    #: this step (always on the CPU, on CUDA only on captures or with ``read_flags=True``).
-    flags: tuple[bool, bool, bool] | None = None
+    #: This step's flags when they were read on the host at this step (always on the CPU,
+    #: on CUDA only on captures or with ``read_flags=True``).
+    flags: StepFlags | None = None
 
 
 class CheapSignals:

@@ -26,12 +26,10 @@ from torch import Tensor
 from gradwatch._analysis.report import ModuleReport, Report
 from gradwatch._base.vocabulary import GATED_KINDS
 from gradwatch._clipping.clipper import ClipEvent
+from gradwatch._engine.signals import StepSignals
 
 # The tag scheme lives in a torch-free module so that `gradwatch report` can read it.
 from gradwatch._outputs.tags import (
-    CLIP_METRICS,
-    LAYER_METRICS,
-    MODULE_METRICS,
     PREFIX,
     VERDICT_CODES,
     layer_tag,
@@ -40,9 +38,6 @@ from gradwatch._outputs.tags import (
 )
 
 __all__ = [
-    "CLIP_METRICS",
-    "LAYER_METRICS",
-    "MODULE_METRICS",
     "PREFIX",
     "VERDICT_CODES",
     "clip_scalars",
@@ -53,8 +48,8 @@ __all__ = [
     "profile_stats",
     "safe_name",
     "scalars_for",
+    "signal_scalars",
 ]
-
 
 
 def clip_scalars(event: ClipEvent | Mapping[str, float], prefix: str = PREFIX) -> dict[str, float]:
@@ -75,6 +70,16 @@ def clip_scalars(event: ClipEvent | Mapping[str, float], prefix: str = PREFIX) -
         if "clipped" not in fields and "coefficient" in fields:
             fields["clipped"] = float(_num(fields["coefficient"]) < 1.0)
     return {f"{prefix}/clip/{safe_name(k)}": _num(v) for k, v in fields.items()}
+
+
+def signal_scalars(s: StepSignals, prefix: str = PREFIX) -> dict[str, float]:
+    """The cheap signals of one step: ``gradwatch/<module>/param_grad_norm`` and
+    ``.../injected_grad_norm`` per module, ``gradwatch/step/skipped`` and ``.../spike``."""
+    out = {module_tag(n, "param_grad_norm", prefix): v for n, v in s.grad_norm.items()}
+    out.update({module_tag(n, "injected_grad_norm", prefix): v for n, v in s.injected.items()})
+    out[f"{prefix}/step/skipped"] = float(s.skipped)
+    out[f"{prefix}/step/spike"] = float(s.spike)
+    return out
 
 
 def param_grad_scalars(
