@@ -102,7 +102,7 @@ def test_log_a_time_dim_and_float32():
     log_a = -torch.rand(2, 4, 9, 3) * 0.3
     u = torch.randn(2, 4, 9, 3, requires_grad=True)
     w = torch.randn(4, 3)
-    with gradwatch.trace(torch.nn.Linear(1, 1)) as tr:
+    with gradwatch.trace(torch.nn.Module()) as tr:
         h = scan_sequential(log_a.exp().transpose(1, 2), u.transpose(1, 2)).transpose(1, 2)
         gradwatch.mark_scan("ssm", log_a, u, h, log_a=True, time_dim=2)
         (h[:, :, -1] * w).sum().square().backward()
@@ -124,7 +124,7 @@ def test_complex_transition():
     u = torch.randn(2, 11, 6, dtype=torch.complex128, requires_grad=True)
     c = torch.randn(6, dtype=torch.complex128)
     loss_fn = lambda hs: (hs * c).real.square().sum()  # noqa: E731
-    with gradwatch.trace(torch.nn.Linear(1, 1)) as tr:
+    with gradwatch.trace(torch.nn.Module()) as tr:
         h = scan_sequential(a.expand(u.shape), u)
         gradwatch.mark_scan("lru", a, u, h)
         loss_fn(h).backward()
@@ -223,7 +223,7 @@ def test_verdict_and_causes_follow_the_transition(bias, verdict):
 def test_growing_transition_is_exploding():
     a = torch.full((2, 30, 4), 1.3, dtype=torch.float64)
     u = torch.randn(2, 30, 4, dtype=torch.float64, requires_grad=True)
-    with gradwatch.trace(torch.nn.Linear(1, 1)) as tr:
+    with gradwatch.trace(torch.nn.Module()) as tr:
         h = scan_sequential(a, u)
         gradwatch.mark_scan("ssm", a, u)
         h[:, -1].sum().backward()
@@ -237,7 +237,7 @@ def test_wrong_time_dim_is_flagged_not_exact():
     torch.manual_seed(5)
     a = torch.rand(3, 8, 8, dtype=torch.float64)
     u = torch.randn(3, 8, 8, dtype=torch.float64, requires_grad=True)
-    with gradwatch.trace(torch.nn.Linear(1, 1)) as tr:
+    with gradwatch.trace(torch.nn.Module()) as tr:
         h = scan_sequential(a, u)
         gradwatch.mark_scan("ssm", a, u, h, time_dim=2)  # wrong: time is dimension 1
         h.square().sum().backward()
@@ -296,7 +296,7 @@ def test_scalars_publish_the_transition_not_the_weight_fields():
 
     a = torch.full((2, 20, 4), 0.8, dtype=torch.float64)
     u = torch.randn(2, 20, 4, dtype=torch.float64, requires_grad=True)
-    with gradwatch.trace(torch.nn.Linear(1, 1)) as tr:
+    with gradwatch.trace(torch.nn.Module()) as tr:
         h = scan_sequential(a, u)
         gradwatch.mark_scan("ssm", a, u, h)
         h[:, -1].sum().backward()
