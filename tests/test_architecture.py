@@ -224,7 +224,7 @@ def test_selectors_take_one_pattern_one_type_or_an_iterable(include, exclude, wa
     none = pytest.warns(RuntimeWarning, match="no recurrent module found")
     with none if not watched else contextlib.nullcontext():
         mon = gradwatch.Monitor(Net(), include=include, exclude=exclude)
-    assert mon.core.names == watched
+    assert mon._core.names == watched
     mon.close()
 
 

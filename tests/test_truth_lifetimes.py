@@ -57,7 +57,7 @@ def test_a_dropped_monitor_lets_its_model_be_collected():
 def test_a_dropped_monitor_leaves_no_working_hook_on_a_living_model():
     model = LM()
     mon = gradwatch.Monitor(model, every_n_steps=1)
-    session = weakref.ref(mon.core.session)
+    session = weakref.ref(mon._core.session)
     del mon
     gc.collect()
     assert session() is None  # the model's hooks do not keep the session alive
@@ -213,7 +213,7 @@ def test_a_call_with_zero_samples_reports_zero_valid_samples_and_monitoring_goes
     assert float(empty.total.abs().max()) == 0
     assert not reps[0].failures and not reps[1].failures
     assert reps[1]["b"].valid_samples.tolist() == [1] * T
-    assert mon.core.disabled == {}
+    assert mon._core.disabled == {}
 
 
 def test_a_traced_call_with_zero_samples():
