@@ -160,3 +160,29 @@ class RawCapture:
     @property
     def device(self) -> torch.device:
         return self.stats["total"].device
+
+
+def hooked_sequence(
+    name: str,
+    module_name: str,
+    kind: str,
+    measured: tuple[dict[str, Tensor], Tensor, bool],
+    recurrences: Recurrences | None = None,
+) -> RawCapture:
+    """The raw capture of one step-wise sequence measured by hooks (a cell loop or marked
+    states): one layer, one forward direction. ``measured`` is what
+    `gradwatch._capture.steps.step_stats` returns: (stats, valid samples, received)."""
+    stats, valid, received = measured
+    return RawCapture(
+        name=name,
+        module_name=module_name,
+        kind=kind,
+        num_layers=1,
+        num_directions=1,
+        stats=stats,
+        valid_samples=valid,
+        reverse=(False,),
+        source="hooks",
+        received_gradient=received,
+        recurrences=recurrences,
+    )

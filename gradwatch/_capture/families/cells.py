@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._capture.families import Family, register
-from gradwatch._capture.raw import RawCapture, Recurrences
+from gradwatch._capture.raw import RawCapture, Recurrences, hooked_sequence
 from gradwatch._capture.recurrences import LayerWeights, make_recurrence
 from gradwatch._capture.stats import relative_deviation
 from gradwatch._capture.steps import (
@@ -154,19 +154,10 @@ class CellFamily(Family):
         module = record.module
         lstm = isinstance(module, nn.LSTMCell) and record.kind == "LSTMCell"
         path = partial(_lstm_cell_path, module) if lstm else None
-        stats, valid, received = step_stats(record, path)
-        return RawCapture(
-            name=record.name,
-            module_name=record.module_name,
-            kind=record.kind,
-            num_layers=1,
-            num_directions=1,
-            stats=stats,
-            valid_samples=valid,
-            reverse=(False,),
-            source="hooks",
-            received_gradient=received,
-            recurrences=_trajectory(record, stats["total"].device),
+        measured = step_stats(record, path)
+        device = measured[0]["total"].device
+        return hooked_sequence(
+            record.name, record.module_name, record.kind, measured, _trajectory(record, device)
         )
 
     # -- hooks -------------------------------------------------------------------------------

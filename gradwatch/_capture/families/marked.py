@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._capture.families import Family, register
-from gradwatch._capture.raw import RawCapture
+from gradwatch._capture.raw import RawCapture, hooked_sequence
 from gradwatch._capture.recorder import active_recorders
 from gradwatch._capture.steps import (
     Step,
@@ -34,19 +34,7 @@ class MarkedFamily(Family):
     name = "marked"
 
     def capture(self, record: StepSequence) -> RawCapture:
-        stats, valid, received = step_stats(record)
-        return RawCapture(
-            name=record.name,
-            module_name=record.module_name,
-            kind="custom",
-            num_layers=1,
-            num_directions=1,
-            stats=stats,
-            valid_samples=valid,
-            reverse=(False,),
-            source="hooks",
-            received_gradient=received,
-        )
+        return hooked_sequence(record.name, record.module_name, "custom", step_stats(record))
 
     def mark(self, recorder: Recorder, name: str, state: Tensor | tuple[Tensor, ...]) -> Any:
         """Record one step of the marked recurrence ``name`` (see `mark_state`)."""
