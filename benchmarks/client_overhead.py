@@ -171,44 +171,48 @@ def _darts_trainer_kwargs(callbacks: list[Any], steps: int, root: str) -> dict[s
     }
 
 
-def fit_darts_rnn(callbacks: list[Any], steps: int, root: str) -> list[Any]:
+def _fit_darts(model_name: str, callbacks: list[Any], steps: int, root: str, **kw: Any):
+    import darts.models
     from darts import TimeSeries
-    from darts.models import RNNModel
 
-    model = RNNModel(
+    model = getattr(darts.models, model_name)(
+        batch_size=32,
+        n_epochs=100_000,
+        random_state=0,
+        work_dir=root,
+        pl_trainer_kwargs=_darts_trainer_kwargs(callbacks, steps, root),
+        **kw,
+    )
+    model.fit(TimeSeries.from_values(_sine(4000)))
+    return callbacks
+
+
+def fit_darts_rnn(callbacks: list[Any], steps: int, root: str) -> list[Any]:
+    return _fit_darts(
+        "RNNModel",
+        callbacks,
+        steps,
+        root,
         model="LSTM",
         hidden_dim=25,
         n_rnn_layers=1,
         input_chunk_length=24,
         training_length=48,
-        batch_size=32,
-        n_epochs=100_000,
-        random_state=0,
-        work_dir=root,
-        pl_trainer_kwargs=_darts_trainer_kwargs(callbacks, steps, root),
     )
-    model.fit(TimeSeries.from_values(_sine(4000)))
-    return callbacks
 
 
 def fit_darts_block(callbacks: list[Any], steps: int, root: str) -> list[Any]:
-    from darts import TimeSeries
-    from darts.models import BlockRNNModel
-
-    model = BlockRNNModel(
+    return _fit_darts(
+        "BlockRNNModel",
+        callbacks,
+        steps,
+        root,
         model="GRU",
         hidden_dim=64,
         n_rnn_layers=2,
         input_chunk_length=24,
         output_chunk_length=12,
-        batch_size=32,
-        n_epochs=100_000,
-        random_state=0,
-        work_dir=root,
-        pl_trainer_kwargs=_darts_trainer_kwargs(callbacks, steps, root),
     )
-    model.fit(TimeSeries.from_values(_sine(4000)))
-    return callbacks
 
 
 def fit_neuralforecast_lstm(callbacks: list[Any], steps: int, root: str) -> list[Any]:
