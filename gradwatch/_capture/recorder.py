@@ -32,6 +32,7 @@ from torch.autograd import Variable
 
 from gradwatch._capture.families import Family, Record
 from gradwatch._capture.hooks import WeakHook, active_here, attach_here, detach_here
+from gradwatch._capture.oom import is_out_of_memory
 from gradwatch._capture.passes import PassClassifier, in_backward
 from gradwatch._capture.raw import RawCapture
 from gradwatch._capture.steps import StepSequence
@@ -106,6 +107,10 @@ class Recorder:
         self._module_of: dict[str, str] = {}  # call name -> module (or mark) name
         self._results: dict[str, Any] = {}
         self._failures: dict[str, str] = {}
+        # calls whose capture ran out of memory: skipped, not failed (the module stays watched)
+        self.skipped: dict[str, str] = {}
+        # modules whose capture in the last finished window ran out of memory, with why
+        self.window_skipped: dict[str, str] = {}
         self._dirty: set[int] = set()
         self._backward_seen = False
         self._only_untrained = False  # only passes that train nothing reached a record
@@ -363,7 +368,13 @@ class Recorder:
                 raw = dataclasses.replace(raw, reasons=(*raw.reasons, _HIGHER_ORDER))
             self._results[record.name] = self.consume(raw)
             self._failures.pop(record.name, None)
+            self.skipped.pop(record.name, None)
         except Exception as e:  # monitoring must never crash training
+            if is_out_of_memory(e):  # may fit next time: skip this capture, keep watching
+                self._results.pop(record.name, None)
+                self.skipped[record.name] = f"out of memory during the capture ({e!s:.200})"
+                self._failures[record.name] = f"skipped: {self.skipped[record.name]}"
+                return
             self._failures[record.name] = f"{family.failure}: {e!r}"
 
     def _higher_order(self, record: Record) -> bool:
@@ -452,6 +463,7 @@ class Recorder:
         """
         results: list[tuple[str, Any]] = []
         failures: dict[str, str] = {}
+        skipped: dict[str, str] = {}
         try:
             final = self.final_names()
             if replay and self._backward_seen:
@@ -465,9 +477,14 @@ class Recorder:
             for name, why in self._failures.items():
                 if name in self._module_of and name not in final:
                     continue  # a call that is not reported (aborted forward)
-                failures.setdefault(self._module_of.get(name, name), why)
+                module = self._module_of.get(name, name)
+                if name in self.skipped:  # not a failure: the module stays watched
+                    skipped.setdefault(module, self.skipped[name])
+                else:
+                    failures.setdefault(module, why)
         finally:
             self.release()
+            self.window_skipped = skipped  # after release(), which resets the window
         return results, failures
 
     def release(self) -> None:

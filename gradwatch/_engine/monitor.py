@@ -241,6 +241,7 @@ class MonitorCore:
             if read_flags:
                 now = flag.read()
         results, failures = session.finish(replay=reason is not None)
+        self._warn_skipped(step, session.window_skipped)
 
         report = None
         skipped = now.skipped if now is not None else False
@@ -270,6 +271,16 @@ class MonitorCore:
                 forced = "spike"
         self.plan_step(step + 1, forced)
         return StepOutcome(step, report, reason, skipped, changes, materialised, now)
+
+    def _warn_skipped(self, step: int, skipped: Mapping[str, str]) -> None:
+        """A capture that ran out of memory is skipped, not a failure: the module stays
+        watched and the next capture tries again. One warning per skipped capture."""
+        if skipped:
+            names = ", ".join(repr(n) for n in skipped)
+            self.warn(
+                f"gradwatch: skipped the capture of {names} at step {step}: "
+                f"{next(iter(skipped.values()))}; training and monitoring go on"
+            )
 
     def _handle_failures(self, failures: Mapping[str, str]) -> None:
         if self.session is None:
