@@ -360,7 +360,7 @@ def test_bf16_mixed_with_fused_modules_and_a_fused_optimizer():
         trainer = _trainer(callbacks=[cb], precision="bf16-mixed", deterministic=False)
         trainer.fit(LM("LSTM", fused_opt=True), _data())
     m = cb.reports[4]["rnn"]
-    assert not m.exact and "bfloat16" in m.approximate_reason
+    assert m.exact and 1e-4 < m.fidelity <= 5e-2  # exact up to bf16 rounding
     assert m.total.isfinite().all() and (m.total > 0).all()
     assert all(s.grad_norm["rnn"] > 0 for s in cb.signals)
 

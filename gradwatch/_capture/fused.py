@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from gradwatch._capture.math_mode import TOLERANCE, MathMode
 from gradwatch._capture.recurrences import LayerWeights, Recurrence, make_recurrence
 from gradwatch._capture.stats import relative_deviation, sample_norms, sampled_steps, step_mean
 
@@ -33,8 +34,9 @@ __all__ = [
 ]
 
 # Largest relative deviation of the replayed outputs from the real ones for a report to be
-# called exact. Observed deviations in float32 are ~1e-6 (different summation order).
-EXACT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+# called exact, by the dtype of the replay's own math (kept for callers that replay a call
+# themselves). A capture's tolerance follows from the call's math mode (`MathMode.tolerance`).
+EXACT_TOLERANCE = {torch.float32: TOLERANCE["float32"], torch.float64: TOLERANCE["float64"]}
 
 
 @dataclass
@@ -55,6 +57,8 @@ class FusedCall:
     # lengths given to a subclass whose forward packs a padded input itself (e.g.
     # pytorch-forecasting's ``rnn(x, lengths=...)``): [B] on the CPU, else None
     lengths: Tensor | None = None
+    # how the kernel computed (storage precision, TF32), read at forward time
+    mode: MathMode = field(default_factory=MathMode)
     grads: dict[str, Tensor] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
 
@@ -107,6 +111,7 @@ def record_fused_call(
         weights=[w.detach() for w in module._flat_weights],
         dropout_active=module.training and module.dropout > 0 and module.num_layers > 1,
         lengths=lengths,
+        mode=MathMode.of_call(out_data),
     )
 
 
@@ -246,6 +251,7 @@ class _Layout:
 
 def _to_layout(call: FusedCall, dtype: torch.dtype) -> _Layout:
     mod = call.module
+    as_read = call.mode.operand  # the input rounded as the kernel read it
 
     def pad(data: Tensor) -> Tensor:
         assert isinstance(call.input, PackedSequence)
@@ -257,7 +263,7 @@ def _to_layout(call: FusedCall, dtype: torch.dtype) -> _Layout:
         assert isinstance(call.output, PackedSequence)
         out = pad(call.output.data)
         grad_out = None if grad_out is None else pad(grad_out)
-        return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
+        return _Layout(as_read(x, dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
     x, out = call.input, call.output
     assert isinstance(x, Tensor) and isinstance(out, Tensor)
     if call.lengths is not None:  # padded input packed inside the subclass's forward
@@ -269,7 +275,7 @@ def _to_layout(call: FusedCall, dtype: torch.dtype) -> _Layout:
         if grad_out is not None:  # padding positions never reach the recurrence
             keep = torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)
             grad_out = grad_out * keep.unsqueeze(-1).to(grad_out.device, grad_out.dtype)
-        return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
+        return _Layout(as_read(x, dtype), out.to(dtype), _opt(grad_out, dtype), lengths, False)
     unbatched = x.dim() == 2
     if unbatched:
         x, out = x.unsqueeze(1), out.unsqueeze(1)
@@ -277,17 +283,20 @@ def _to_layout(call: FusedCall, dtype: torch.dtype) -> _Layout:
     elif mod.batch_first:
         x, out = x.transpose(0, 1), out.transpose(0, 1)
         grad_out = None if grad_out is None else grad_out.transpose(0, 1)
-    return _Layout(x.to(dtype), out.to(dtype), _opt(grad_out, dtype), None, unbatched)
+    return _Layout(as_read(x, dtype), out.to(dtype), _opt(grad_out, dtype), None, unbatched)
 
 
 def _opt(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if x is None else x.to(dtype)
 
 
-def _state(x: Tensor | None, unbatched: bool, dtype: torch.dtype) -> Tensor | None:
+def _state(
+    x: Tensor | None, unbatched: bool, dtype: torch.dtype, mode: MathMode | None = None
+) -> Tensor | None:
     if x is None:
         return None
-    return (x.unsqueeze(1) if unbatched else x).to(dtype)
+    x = x.unsqueeze(1) if unbatched else x
+    return x.to(dtype) if mode is None else mode.operand(x, dtype)
 
 
 def _layer_weights(call: FusedCall, dtype: torch.dtype) -> dict[tuple[int, int], LayerWeights]:
@@ -300,7 +309,7 @@ def _layer_weights(call: FusedCall, dtype: torch.dtype) -> dict[tuple[int, int],
 
             def get(kind: str, sfx: str = sfx) -> Tensor | None:
                 w = by_name.get(kind + sfx)
-                return None if w is None else w.to(dtype)
+                return None if w is None else call.mode.operand(w, dtype)
 
             result[layer, direction] = LayerWeights(
                 w_ih=get("weight_ih"),
@@ -329,11 +338,13 @@ def replay(call: FusedCall, input_grad: bool = False) -> Replay:
     """Replay the forward trajectory and the backward walk of one call.
 
     ``input_grad`` also computes dL/dx of the bottom layer (used to validate the replay).
-    The replay runs in the weights' own precision (float32 or float64) even when called
-    inside an autocast region (the end of a backward pass under AMP), and records no graph.
+    The replay computes as the kernel did (`MathMode`): float64 for float64 weights, else
+    float32 math on operands rounded to the call's storage dtype (float16 / bfloat16 under
+    autocast), with TF32 matrix products where cuDNN was allowed TF32; also when called
+    inside an autocast region (the end of a backward pass under AMP). It records no graph.
     """
     device_type = call.weights[0].device.type if call.weights else "cpu"
-    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+    with torch.no_grad(), torch.autocast(device_type, enabled=False), call.mode.context():
         return _replay(call, input_grad)
 
 
@@ -358,8 +369,8 @@ def _replay(call: FusedCall, input_grad: bool) -> Replay:
     ends = (lengths - 1).to(device).view(1, batch, 1)
     last = [(time == ends).to(dtype), (time == 0).to(dtype)]
 
-    h0 = _state(call.hx, lay.unbatched, dtype)
-    c0 = _state(call.cx, lay.unbatched, dtype)
+    h0 = _state(call.hx, lay.unbatched, dtype, call.mode)
+    c0 = _state(call.cx, lay.unbatched, dtype, call.mode)
     if h0 is None:
         h0 = lay.x.new_zeros(mod.num_layers * num_dir, batch, out_size)
     if c0 is None and mod.mode == "LSTM":

@@ -16,7 +16,6 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch._capture.families import Family, register
 from gradwatch._capture.fused import (
-    EXACT_TOLERANCE,
     FusedCall,
     check_fused_module,
     output_tensors,
@@ -55,12 +54,9 @@ def capture_call(call: FusedCall) -> RawCapture:
             f"inter-layer dropout (p={mod.dropout}) in training mode: the kernel's dropout masks "
             "are not visible, so layers below the top are replayed without dropout"
         )
-    tolerance = None
-    computed = _data(call.output).dtype
-    if computed not in EXACT_TOLERANCE:
-        reasons.append(f"the module computed in {computed} (autocast?); replayed in {rep.dtype}")
-    elif not call.dropout_active:
-        tolerance = EXACT_TOLERANCE[rep.dtype]
+    # exact means equal to what this kernel computed, up to its math mode's rounding
+    mode = call.mode
+    tolerance = None if call.dropout_active else mode.tolerance
     steps = rep.stats["total"].shape[-1]
     num_dir = 2 if mod.bidirectional else 1
     return RawCapture(
@@ -76,6 +72,9 @@ def capture_call(call: FusedCall) -> RawCapture:
         received_gradient=bool(call.grads),
         fidelity=rep.fidelity,
         fidelity_tolerance=tolerance,
+        fidelity_reason="the replay deviates from the module's real outputs by {fidelity:.1e} "
+        f"(relative), above the {{tolerance:.0e}} expected of a kernel computing in "
+        f"{mode.describe()}; does a subclass change the forward computation?",
         reasons=tuple(reasons),
         # an empty batch (a routing step that sent no sample here) has no trajectory to walk
         recurrences=None
