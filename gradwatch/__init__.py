@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time see _SURFAC
         ValueClip,
         ZScoreClip,
     )
+    from gradwatch._engine.budget import Overhead
     from gradwatch._engine.history import ReportHistory
     from gradwatch._engine.options import WatchOptions
     from gradwatch._engine.signals import StepSignals
@@ -61,6 +62,7 @@ _SURFACE: dict[str, str] = {
     "Monitor": "gradwatch._adapters.pytorch",
     "WatchOptions": "gradwatch._engine.options",
     "ReportHistory": "gradwatch._engine.history",
+    "Overhead": "gradwatch._engine.budget",
     "StepSignals": "gradwatch._engine.signals",
     # one step, traced
     "trace": "gradwatch._engine.trace",
@@ -125,6 +127,7 @@ __all__ = [
     "NoRecurrentModuleError",
     "NonfiniteLocation",
     "NormClip",
+    "Overhead",
     "PanelWriter",
     "Report",
     "ReportHistory",

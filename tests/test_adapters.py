@@ -223,14 +223,18 @@ def _fit_with_checkpoint(tmp_path, callbacks, max_steps, **fit_kw):
 
 
 def test_two_callbacks_in_one_trainer_keep_separate_checkpoint_state(tmp_path):
-    a, b = gradwatch.GradWatch(include="a"), gradwatch.GradWatch(include="b", every_n_steps=2)
+    # logging every step: signals at every step whatever the overhead budget decides
+    a = gradwatch.GradWatch(include="a", log_every_n_steps=1)
+    b = gradwatch.GradWatch(include="b", every_n_steps=2, log_every_n_steps=1)
     assert a.state_key != b.state_key
     assert a.state_key == gradwatch.GradWatch(include=["a"]).state_key  # same configuration
     path = _fit_with_checkpoint(tmp_path / "ckpt", [a, b], 3)
     states = torch.load(path, weights_only=True)["callbacks"]
     assert states[a.state_key]["names"] == ["a"] and states[b.state_key]["names"] == ["b"]
 
-    ra, rb = gradwatch.GradWatch(include="a"), gradwatch.GradWatch(include="b", every_n_steps=2)
+    ra = gradwatch.GradWatch(include="a", log_every_n_steps=1)
+    rb = gradwatch.GradWatch(include="b", every_n_steps=2, log_every_n_steps=1)
+    assert (ra.state_key, rb.state_key) == (a.state_key, b.state_key)
     probe = _Probe(ra, rb)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # "spike detection restarts" would fail
@@ -241,13 +245,13 @@ def test_two_callbacks_in_one_trainer_keep_separate_checkpoint_state(tmp_path):
 
 
 def test_checkpoint_with_the_old_state_key_still_loads(tmp_path):
-    cb = gradwatch.GradWatch(include="a")
+    cb = gradwatch.GradWatch(include="a", log_every_n_steps=1)  # signals every step
     path = _fit_with_checkpoint(tmp_path / "ckpt", [cb], 3)
     raw = torch.load(path, weights_only=False)
     raw["callbacks"] = {"GradWatch": raw["callbacks"].pop(cb.state_key)}  # written the old way
     old = tmp_path / "old.ckpt"
     torch.save(raw, old)
-    resumed = gradwatch.GradWatch(include="a")
+    resumed = gradwatch.GradWatch(include="a", log_every_n_steps=1)  # signals every step
     probe = _Probe(resumed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")

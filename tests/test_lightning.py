@@ -295,7 +295,7 @@ def test_no_recurrent_module_warns_naming_what_was_searched():
 
 def test_checkpoint_is_weights_only_loadable_and_resume_restores_the_detector(tmp_path):
     ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    cb = gradwatch.GradWatch(every_n_steps=2, warmup_steps=1)
+    cb = gradwatch.GradWatch(every_n_steps=2, overhead_budget=None, warmup_steps=1)
     model = LM("GRU")
     _trainer(callbacks=[cb, ckpt], max_steps=5, enable_checkpointing=True).fit(model, _data())
     raw = torch.load(tmp_path / "last.ckpt", weights_only=True)
@@ -303,7 +303,7 @@ def test_checkpoint_is_weights_only_loadable_and_resume_restores_the_detector(tm
     assert [s["step"] for s in state["signals"]] == list(range(5))
     assert torch.equal(state["ema"], cb._core.detector.ema)
 
-    resumed = gradwatch.GradWatch(every_n_steps=2, warmup_steps=1)
+    resumed = gradwatch.GradWatch(every_n_steps=2, overhead_budget=None, warmup_steps=1)
     seen = {}
 
     class Probe(L.Callback):

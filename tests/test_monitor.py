@@ -99,7 +99,9 @@ def test_weights_bit_identical_with_monitor(factory):
 def test_schedule_and_cheap_signals():
     torch.manual_seed(0)
     model = LM()
-    with gradwatch.Monitor(model, every_n_steps=3, log_every_n_steps=2) as mon:
+    with gradwatch.Monitor(
+        model, every_n_steps=3, overhead_budget=None, log_every_n_steps=2
+    ) as mon:
         _train(model, mon, steps=7)
         assert len(mon._core._pending) == 0  # step 6 was a logging and a capture step
     assert list(mon.reports) == [0, 3, 6]
@@ -198,7 +200,9 @@ def test_merge_keeps_nonfinite_and_worst_diagnostics():
 def test_spike_is_captured_at_the_same_step_on_cpu():
     torch.manual_seed(0)
     model = LM()
-    with gradwatch.Monitor(model, every_n_steps=1000, warmup_steps=3) as mon:
+    with gradwatch.Monitor(
+        model, every_n_steps=1000, overhead_budget=None, warmup_steps=3
+    ) as mon:
         _train(model, mon, steps=8, lr=0.0, scales={6: 1e4})
     assert list(mon.reports) == [0, 6]
     s = {x.step: x for x in mon.signals}
@@ -211,7 +215,9 @@ def test_spike_is_captured_at_the_same_step_on_cpu():
 def test_spike_with_async_flags_is_captured_two_steps_later():
     torch.manual_seed(0)
     model = LM()
-    with gradwatch.Monitor(model, every_n_steps=1000, warmup_steps=3, async_flags=True) as mon:
+    with gradwatch.Monitor(
+        model, every_n_steps=1000, overhead_budget=None, warmup_steps=3, async_flags=True
+    ) as mon:
         _train(model, mon, steps=9, lr=0.0, scales={5: 1e4})
     assert list(mon.reports) == [0, 7]
     assert {s.step: s.captured for s in mon.signals}[7] == "spike"
@@ -220,7 +226,7 @@ def test_spike_with_async_flags_is_captured_two_steps_later():
 def test_nonfinite_gradient_is_captured_and_flagged():
     torch.manual_seed(0)
     model = LM(nn.GRU)
-    with gradwatch.Monitor(model, every_n_steps=1000) as mon:
+    with gradwatch.Monitor(model, every_n_steps=1000, overhead_budget=None) as mon:
         _train(model, mon, steps=4, lr=0.0, scales={2: float("nan")})
     assert list(mon.reports)[:2] == [0, 2]  # (lr=0 still turns the weights to NaN after it)
     assert mon.reports[2]["rnn"].verdict == "nonfinite"
@@ -305,14 +311,16 @@ def test_close_removes_every_hook_and_history_is_bounded():
 def test_state_dict_is_weights_only_loadable_and_restores_the_detector():
     torch.manual_seed(0)
     model = LM()
-    with gradwatch.Monitor(model, every_n_steps=2, warmup_steps=1) as mon:
+    with gradwatch.Monitor(
+        model, every_n_steps=2, overhead_budget=None, warmup_steps=1
+    ) as mon:
         _train(model, mon, steps=5)
         state = mon.state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
-    with gradwatch.Monitor(model, every_n_steps=2) as fresh:
+    with gradwatch.Monitor(model, every_n_steps=2, overhead_budget=None) as fresh:
         fresh.load_state_dict(loaded)
         assert fresh.global_step == 5
         assert torch.equal(fresh._core.detector.ema, mon._core.detector.ema)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from gradwatch._engine.budget import Overhead
+
 from gradwatch._analysis.report import Report
 from gradwatch._clipping import ClipEvent, Clipper
 from gradwatch._engine.clip_control import ClipControl
@@ -47,6 +49,7 @@ class Watcher:
     _clip: ClipControl | None
     _writer: Any  # a PanelWriter, or None: nothing is written
 
+    overhead_budget = _Option()
     every_n_steps = _Option()
     include = _Option()
     exclude = _Option()
@@ -63,6 +66,7 @@ class Watcher:
         self._options = options
         self._core = MonitorCore(options, warn=warn)
         self._clip = ClipControl.build(options.clip, history=options.history, warn=self._core.warn)
+        self._core.signals_every_step = self._clip is not None and self._clip.reactive
         self._writer = None
 
     @property
@@ -100,6 +104,13 @@ class Watcher:
         return list(self._core.names)
 
     @property
+    def overhead(self) -> Overhead:
+        """What gradwatch has spent so far: its own time against the training time
+        (`gradwatch.Overhead`; ``overhead.fraction`` is also logged as ``gradwatch/overhead``
+        on logging steps)."""
+        return self._core.overhead
+
+    @property
     def clipper(self) -> Clipper | None:
         """The `gradwatch.Clipper` in use (``None`` with ``clip=None``)."""
         return None if self._clip is None else self._clip.clipper
@@ -124,18 +135,22 @@ class Watcher:
         """Measure the step's raw gradients, then clip them, then publish both.
 
         Monitoring errors switch monitoring off and never reach training; clipping errors
-        do (clipping changes training, so it must not fail silently)."""
+        do (clipping changes training, so it must not fail silently). The overhead budget
+        counts the monitoring and the publishing as gradwatch's time; clipping, which the
+        user asked to change training, counts as training."""
         out = None
+        core = self._core
         if monitor:
             try:
-                out = self._core.finish_step(
+                out = core.finish_step(
                     step,
                     optimizer=optimizer,
                     scaler=scaler,
                     read_flags=self._clip is not None and self._clip.reactive,
+                    end=False,
                 )
             except Exception as e:  # monitoring must never crash training
-                self._core.break_down(e)
+                core.break_down(e)
         event = None
         if self._clip is not None and clip:
             self._before_clip(optimizer)
@@ -149,10 +164,17 @@ class Watcher:
                 scaler=scaler,
             )
         if out is not None or event is not None:
+            start = core._clock()
             try:
                 self._publish(out or StepOutcome(step), event)
             except Exception as e:  # monitoring must never crash training
-                self._core.break_down(e)
+                core.break_down(e)
+            core.add_own_time(core._clock() - start)
+        if monitor:
+            try:
+                core.end_step(step)
+            except Exception as e:  # monitoring must never crash training
+                core.break_down(e)
         return out
 
     def _before_clip(self, optimizer: Any) -> None:
@@ -164,9 +186,11 @@ class Watcher:
             self._core.warn(_change_message(change))
         if self._writer is None:
             return
-        from gradwatch._outputs.scalars import clip_scalars, signal_scalars
+        from gradwatch._outputs.scalars import clip_scalars, overhead_scalars, signal_scalars
 
         extra = signal_scalars(out.signals[-1]) if out.signals else {}
+        if self._core.is_logging_step(out.step):
+            extra.update(overhead_scalars(self._core.overhead))
         # every clip, every non-finite step and every reactive event; in "always" mode (an
         # event every step) the threshold on logging steps only
         reactive = self._clip is not None and self._clip.reactive

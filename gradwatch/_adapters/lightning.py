@@ -4,7 +4,8 @@ GradWatch
 
 Watch the hidden-state gradients of every recurrent module of a LightningModule during
 training: cheap signals at every optimizer step, an exact per-timestep capture with
-diagnostics every ``every_n_steps`` steps and after any spike or non-finite value.
+diagnostics as often as its overhead budget allows (or every ``every_n_steps`` steps) and
+after any spike or non-finite value.
 
 The same class works with ``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trainer``:
 it derives from the ``Callback`` of each namespace that is installed.
@@ -22,6 +23,7 @@ from typing_extensions import Unpack, override
 from gradwatch._adapters._watcher import Watcher
 from gradwatch._analysis.report import Report
 from gradwatch._clipping import Clipper
+from gradwatch._engine.budget import Overhead
 from gradwatch._engine.options import WatchArgs, WatchOptions, watch_options
 
 if TYPE_CHECKING:
@@ -66,8 +68,9 @@ class _GradWatch(Watcher):
 
     Every optimizer step, GradWatch measures cheap signals on the device (the norm of the
     gradient injected into each recurrent module's outputs, each module's parameter
-    gradient norm, a non-finite check). Every ``every_n_steps`` optimizer steps, and right
-    after a spike or a non-finite value, it captures the step exactly: the per-timestep
+    gradient norm, a non-finite check). As often as its overhead budget allows (or every
+    ``every_n_steps`` optimizer steps), and right after a spike or a non-finite value, it
+    captures the step exactly: the per-timestep
     hidden-state gradients dL/dh_t of every recurrent module call, their propagation gain,
     memory horizon, causes and a verdict (``healthy``, ``vanishing``, ``exploding``,
     ``nonfinite``). A verdict change is logged once, as a warning from rank zero; scalars and
@@ -82,9 +85,15 @@ class _GradWatch(Watcher):
     are not hooked.
 
     Keyword Args:
-        every_n_steps (int): Capture every this many optimizer steps, starting at the first. Default
-            100: a capture replays each recurrence once (about the cost of the module's own forward
-            and backward), so the amortised cost is ~1% of a step.
+        overhead_budget (float | None): gradwatch's own time (hooks, signals, captures, what it
+            writes to the loggers) as a fraction of the training time. Default 0.02 (2%):
+            captures are spaced to stay within it, the first one included, and the cheap signals
+            are computed every few steps when they alone would cost more than half of it. The
+            time spent is in `overhead`, logged as ``gradwatch/overhead`` and summarised at the
+            end of training (see ``docs/overhead.md``). ``None``: no budget (needs
+            ``every_n_steps``).
+        every_n_steps (int | None): Capture every this many optimizer steps, starting at the first,
+            instead of the budget's schedule. Default ``None``: the budget decides.
         include (Selectors): Only watch modules matching these ``fnmatch`` name patterns (qualified
             names in the LightningModule, e.g. ``"encoder.*"``) or module types: one, or an iterable
             of them.
@@ -107,7 +116,10 @@ class _GradWatch(Watcher):
             reduction, before the optimizer step, in automatic and manual optimization. Refused at
             fit start together with ``Trainer(gradient_clip_val=...)``, a fused optimizer under a
             GradScaler, FSDP, DeepSpeed.
-        figures (bool): Render TensorBoard figures (heatmap, profile, propagation) on captures.
+        figures (FiguresMode): Render matplotlib figures (heatmap, profile, propagation) on
+            captures. ``"auto"`` (default): none when the panels go to TensorBoard, whose gradwatch
+            tab draws the same data; every fifth capture's for other loggers that show images.
+            ``True``: at every capture; ``False``: never.
         async_flags (bool | None): Read the spike flag one step late, without stalling the device
             (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``). On the CPU
             the spike step itself is captured.
@@ -128,6 +140,7 @@ class _GradWatch(Watcher):
         gw.verdicts                             # {"encoder.rnn": "healthy"}
         gw.reports[-1]["encoder.rnn"].total     # the latest: [layers, directions, T]
         gw.reports[0]["encoder.rnn"].verdict    # the capture at optimizer step 0
+        gw.overhead.fraction                    # gradwatch's time / training time
         ```
 
     The state saved in checkpoints (detector levels, verdict history, cheap signals,
@@ -223,7 +236,7 @@ class _GradWatch(Watcher):
         try:
             self._core.flush_signals()
             if trainer.is_global_zero:
-                _log_summary(trainer, self._core.reports)
+                _log_summary(trainer, self._core.reports, self._core.overhead)
         except Exception as e:
             log.debug("gradwatch: no summary table: %r", e)
 
@@ -255,10 +268,23 @@ class _GradWatch(Watcher):
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before the configuration-dependent state_key hold the state
         # under the class name: hand it to this callback (Lightning then loads it).
+        # Those written when every_n_steps defaulted to 100 hold it under that key.
         states = checkpoint.get("callbacks")
         key = self.state_key
-        if isinstance(states, dict) and key not in states and _LEGACY_STATE_KEY in states:
-            states[key] = states[_LEGACY_STATE_KEY]
+        if not isinstance(states, dict) or key in states:
+            return
+        for old in (self._old_default_state_key(), _LEGACY_STATE_KEY):
+            if old is not None and old in states:
+                states[key] = states[old]
+                return
+
+    def _old_default_state_key(self) -> str | None:
+        """The `state_key` of this configuration when ``every_n_steps`` defaulted to 100."""
+        if self._options.every_n_steps is not None:
+            return None
+        plain = {**self._options.to_plain(), "every_n_steps": 100}
+        keys = ("every_n_steps", "include", "exclude", "clip")
+        return self._generate_state_key(**{k: plain[k] for k in keys})
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled as plain data: the options and the checkpoint state. ddp_spawn pickles
@@ -291,16 +317,16 @@ def _legacy_arguments(init: dict[str, Any]) -> dict[str, Any]:
     return init
 
 
-def _log_summary(trainer: Any, reports: Mapping[int, Report]) -> None:
-    """The summary table of the latest verdict of every call, at the end of training."""
+def _log_summary(trainer: Any, reports: Mapping[int, Report], overhead: Overhead) -> None:
+    """The summary table of the latest verdict of every call and the overhead line, at the
+    end of training."""
     latest: dict[str, Any] = {}
     for rep in reports.values():
         latest.update(rep.modules)
-    if not latest:
-        return
     from gradwatch._outputs.messages import summary_table
 
-    table = summary_table(latest)
+    lines = [summary_table(latest)] if latest else []
+    table = "\n".join([*lines, overhead.describe()])
     log.info("%s", table)
     # shown like Lightning's own messages: a child of the Trainer's namespace logger, which
     # Lightning gives a console handler at INFO level

@@ -15,6 +15,7 @@ mon.verdicts                     # {"encoder.rnn": "healthy", ...}
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from types import TracebackType
@@ -30,6 +31,8 @@ from gradwatch._engine.options import WatchArgs, watch_options
 
 __all__ = ["Monitor"]
 
+log = logging.getLogger("gradwatch")
+
 #: ``log_every_n_steps=None`` in a plain loop (Lightning's default interval).
 DEFAULT_LOG_EVERY_N_STEPS = 50
 
@@ -39,9 +42,10 @@ class Monitor(Watcher):
 
     Call `step` once per optimizer step, after the last ``backward()`` of the step
     (several backward passes, e.g. gradient accumulation or truncated BPTT chunks, make one
-    step) and before ``optimizer.step()``. Every step costs only cheap signals kept on the
-    device; every ``every_n_steps`` steps, and after a spike or a non-finite value, the
-    step's recurrences are replayed exactly and diagnosed (see ``docs/plain_pytorch.md``).
+    step) and before ``optimizer.step()``. A step costs cheap signals kept on the device; as
+    often as the overhead budget allows (or every ``every_n_steps`` steps), and after a
+    spike or a non-finite value, the step's recurrences are replayed exactly and diagnosed
+    (see ``docs/plain_pytorch.md`` and ``docs/overhead.md``).
     Hooks are registered at construction and removed by `close` (or at the end of a
     ``with`` block). Training is not changed: the weights are bit-identical to a run
     without the monitor.
@@ -57,8 +61,13 @@ class Monitor(Watcher):
             is flushed, not closed, by `close`.
 
     Keyword Args:
-        every_n_steps (int): Capture (replay and diagnose) every this many optimizer steps, starting
-            with the first. Default 100.
+        overhead_budget (float | None): gradwatch's own time as a fraction of the training time
+            (the rest of each step interval). Default 0.02: captures are spaced to stay within it,
+            the first one included, and the cheap signals are computed every few steps when they
+            alone would cost more than half of it. What was spent is in `overhead`, logged as
+            ``gradwatch/overhead`` and at `close`. ``None``: no budget (needs ``every_n_steps``).
+        every_n_steps (int | None): Capture (replay and diagnose) every this many optimizer steps,
+            starting with the first, instead of the budget's schedule. Default ``None``.
         include (Selectors): Only watch modules matching these ``fnmatch`` name patterns or types
             (one, or an iterable of them).
         exclude (Selectors): Do not watch modules matching these patterns or types.
@@ -78,7 +87,9 @@ class Monitor(Watcher):
             the optimizer passed to `step`, else the model's) and the non-finite policy (``"skip"``:
             every gradient of the step set to ``None``, so ``optimizer.step()`` leaves the
             parameters and its state as they are).
-        figures (bool): Render figures on captures when panels are written.
+        figures (FiguresMode): Render matplotlib figures on captures when panels are written:
+            ``"auto"`` (default) none for a TensorBoard writer (the gradwatch tab draws the same
+            data), every fifth capture's otherwise; ``True`` at every capture; ``False`` never.
         async_flags (bool | None): Read the spike flag one step late without stalling the device
             (default: on CUDA). A spike at step ``s`` is then captured at step ``s + 2``; on the CPU
             it is captured at step ``s`` itself.
@@ -171,7 +182,10 @@ class Monitor(Watcher):
 
     def close(self) -> None:
         """Remove every hook, release everything recorded and flush the panels (closing the
-        writer of ``log_dir``); idempotent. The results stay readable."""
+        writer of ``log_dir``); idempotent. The results stay readable. Logs the overhead
+        spent (`overhead`) on the ``gradwatch`` logger at INFO level, once."""
+        if self._model is not None and self.global_step > 0:
+            log.info("%s", self._core.overhead.describe())
         self._core.close()
         self._close_panels()
         own, self._own_writer = self._own_writer, None

@@ -106,7 +106,11 @@ class WeakHook:
             return None
         if self._module() is not module:  # a shallow copy sharing the hook dictionary
             return None
-        return self._fn(recorder, *self._bound, module, *args)
+        start = recorder.clock()  # the overhead budget counts the recorder's own time
+        try:
+            return self._fn(recorder, *self._bound, module, *args)
+        finally:
+            recorder.own_ns += recorder.clock() - start
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Orphan:
         sweeper = memo.get(id(_Sweeper))

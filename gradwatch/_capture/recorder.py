@@ -21,6 +21,7 @@ capture never diagnoses). Two ways to drive it:
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from math import hypot
@@ -98,6 +99,11 @@ class Recorder:
         self._queued: set[int] = set()  # passes whose end-of-pass callback is queued
         self._passes = PassClassifier(model)
         self._mark_stack: Any = None
+        # The time spent in the hooks (ns), for the monitor's overhead budget: every hook
+        # body adds to it, read and reset by the owner. ``clock`` is replaceable in tests.
+        self.own_ns = 0
+        self.clock: Callable[[], int] = time.perf_counter_ns
+        self._signals = True
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -189,10 +195,13 @@ class Recorder:
         for h in self._handles.pop(name, []):
             h.remove()
 
-    def plan(self, *, capture: bool, retain: bool = False) -> None:
-        """Set what the next window records (windowed use, see the module docstring)."""
+    def plan(self, *, capture: bool, retain: bool = False, signals: bool = True) -> None:
+        """Set what the next window records (windowed use, see the module docstring);
+        without ``signals`` the injected norms are not computed (`take_injected` reads
+        ``None``)."""
         self._capture = bool(capture)
         self._retain = bool(capture or retain)
+        self._signals = bool(signals)
 
     @property
     def capturing(self) -> bool:
@@ -263,6 +272,15 @@ class Recorder:
         """A gradient reached ``record`` (``None``: only the cheap signal); ``apply``
         stores it. Dropped when the running pass trains nothing; otherwise applied when the
         pass completes (never, if it is aborted by an exception)."""
+        start = self.clock()
+        try:
+            self._gradient(record, apply, params)
+        finally:
+            self.own_ns += self.clock() - start
+
+    def _gradient(
+        self, record: Record | None, apply: Callable[[], None], params: Iterable[Tensor]
+    ) -> None:
         running = self._passes.current(params)
         if record is not None:
             reached = self._reached.setdefault(id(record), set())
@@ -288,7 +306,7 @@ class Recorder:
     def add_injected(self, module_name: str, grad: Tensor) -> None:
         """Add a gradient at a module's outputs to its injected norm (windowed use only)."""
         i = self._index.get(module_name)
-        if i is None or not self.windowed:
+        if i is None or not self.windowed or not self._signals:
             return
         g = grad.detach()
         old = self._injected[i]
@@ -342,6 +360,13 @@ class Recorder:
             self._forward_index += 1
 
     def _end_of_backward(self, task: int) -> None:
+        start = self.clock()
+        try:
+            self._apply_pass(task)
+        finally:
+            self.own_ns += self.clock() - start
+
+    def _apply_pass(self, task: int) -> None:
         self._queued.discard(task)
         for record, apply in self._pending.pop(task, []):
             try:

@@ -7,21 +7,26 @@ several times) make one step. The owner (an adapter) drives the core with two ca
 - `MonitorCore.bind` once, when the model's recurrent modules exist, then
   `MonitorCore.attach`;
 - `MonitorCore.finish_step` after the last backward of a step and *before* the
-  optimizer changes the weights (the replay needs the weights of the forward pass).
+  optimizer changes the weights (the replay needs the weights of the forward pass);
+  with ``end=False``, then `MonitorCore.end_step` once the adapter's own work for the step
+  (publishing) is done.
 
-Every step costs only the *cheap signals* (`.signals`), checked by the spike detector
+A step costs the *cheap signals* (`.signals`), checked by the spike detector
 (`.detector`): the norm of the gradient injected into each watched module's outputs,
-the gradient norm of each module's parameters, and a non-finite check. Every
-``every_n_steps`` steps, and when the cheap signals show a spike or a non-finite value, the
-step is *captured*: the recurrences are recorded by a windowed `gradwatch._capture.Recorder`,
-analysed (`gradwatch._analysis.analyze`) and merged over micro-batches and ranks (`.merge`).
-Clipping lives in `.clip_control`.
+the gradient norm of each module's parameters, and a non-finite check. Some steps, and
+those where the cheap signals show a spike or a non-finite value, are *captured*: the
+recurrences are recorded by a windowed `gradwatch._capture.Recorder`, analysed
+(`gradwatch._analysis.analyze`) and merged over micro-batches and ranks (`.merge`).
+Which steps, and how often the signals are computed, the overhead budget decides
+(`.budget`), from gradwatch's own time measured here around each piece of its work; a
+fixed ``every_n_steps`` overrides its captures. Clipping lives in `.clip_control`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -33,6 +38,7 @@ from gradwatch._analysis.report import Report
 from gradwatch._capture import Recorder, select_modules
 from gradwatch._capture.families import looked_for
 from gradwatch._engine._common import Warn, default_warn, scaler_info
+from gradwatch._engine.budget import BudgetScheduler, Overhead
 from gradwatch._engine.detector import DeviceFlag, HostFlag, SpikeDetector, StepFlags
 from gradwatch._engine.merge import build_step_report
 from gradwatch._engine.options import WatchOptions
@@ -65,6 +71,13 @@ class MonitorCore:
         self.include = options.include
         self.exclude = options.exclude
         self.every_n_steps = options.every_n_steps
+        self.scheduler = BudgetScheduler(
+            options.overhead_budget, every_n_steps=options.every_n_steps
+        )
+        # Reactive clipping reads the flags of every step: no signal stride then.
+        self.signals_every_step = False
+        # The clock of the budget (ns). Private: tests replace it to drive the schedule.
+        self._clock: Callable[[], int] = time.perf_counter_ns
         self.detector = SpikeDetector(float(options.spike_factor), options.warmup_steps)
         self.history = options.history
         # ``None`` until the adapter knows its loop's interval (the Trainer's)
@@ -87,7 +100,13 @@ class MonitorCore:
         self._pending: list[_Pending] = []
         self._flags: deque[DeviceFlag | HostFlag] = deque()
         self._planned: str | None = None
+        self._signals_planned = True  # the planned step computes the cheap signals
         self._sync = True
+        # the budget's accounting of the current interval (see `end_step`)
+        self._own_ns = 0  # own time outside the recorder's hooks
+        self._interval_start: int | None = None  # None: the first interval after an attach
+        self._step_kind = (False, False)  # the finished step: (captured, had signals)
+        self._next_forced: str | None = None
         self._warned: set[str] = set()
         self.disabled: dict[str, str] = {}
         self.broken: str | None = None
@@ -130,6 +149,7 @@ class MonitorCore:
             self._warn_once(f"unmatched:{entry}", f"gradwatch: {entry} matched no recurrent module")
         consume = partial(analyze, thresholds=self.thresholds)
         session = Recorder(model, selection.watched, consume, windowed=True)
+        session.clock = self._clock
         self.session = session
         self.names = list(session.names)
         params = [list(m.parameters()) for _, m, _ in selection.watched]
@@ -156,6 +176,8 @@ class MonitorCore:
     def attach(self) -> None:
         if self.session is not None and self.broken is None:
             self.session.attach()
+        # what happened since the last step (validation, setup) is neither training nor ours
+        self._interval_start = None
 
     def detach(self) -> None:
         if self.session is not None:
@@ -188,13 +210,28 @@ class MonitorCore:
             self.warn(message)
 
     # -- schedule --------------------------------------------------------------------------
+    @property
+    def overhead(self) -> Overhead:
+        """What gradwatch has spent so far, against the training time."""
+        return self.scheduler.overhead()
+
     def plan_step(self, step: int, forced: str | None = None) -> None:
         """Set what optimizer step ``step`` records: a capture when it is scheduled or
-        ``forced`` (``"spike"``, ``"nonfinite"``), else only the cheap signals."""
-        reason = "scheduled" if step % self.every_n_steps == 0 else None
+        ``forced`` (``"spike"``, ``"nonfinite"``), else the cheap signals (on the budget's
+        signal stride, and on every logging step) or nothing."""
+        reason = "scheduled" if self.scheduler.capture_next(step) else None
         self._planned = reason or forced
+        signals = (  # the signals a logging step logs are its own
+            self._planned is not None
+            or self.signals_every_step
+            or self.is_logging_step(step)
+            or self.scheduler.signals_next()
+        )
+        self._signals_planned = signals
         if self.session is not None:
-            self.session.plan(capture=self._planned is not None, retain=self._sync)
+            self.session.plan(
+                capture=self._planned is not None, retain=self._sync and signals, signals=signals
+            )
 
     def is_logging_step(self, step: int) -> bool:
         return self.log_every_n_steps is not None and step % self.log_every_n_steps == 0
@@ -207,30 +244,72 @@ class MonitorCore:
         optimizer: Any = None,
         scaler: Any = None,
         read_flags: bool = False,
+        end: bool = True,
     ) -> StepOutcome:
         """Close optimizer step ``step``: cheap signals, capture if due, plan the next step.
 
         Call after the step's last backward pass and before the optimizer updates the
         weights. ``scaler`` is the run's ``torch.amp.GradScaler``, if any. ``read_flags``
         reads this step's flags on the host even with ``async_flags`` (one device sync; the
-        spike capture is still scheduled two steps later): reactive clipping needs them now.
+        spike capture is still scheduled two steps later): reactive clipping needs them now,
+        so the signals are computed at every step then. With ``end=False`` the caller
+        calls `end_step` after its own work for the step (writing the panels), so that it
+        is measured as gradwatch's time, and the next step is planned then.
         """
         session = self.session
         if session is None or self.broken is not None:
             return StepOutcome(step)
+        start = self._clock()
+        try:
+            out = self._measure(session, step, optimizer, scaler, read_flags)
+        finally:
+            self._own_ns += self._clock() - start
+        if end:
+            self.end_step(step)
+        return out
+
+    def add_own_time(self, ns: int) -> None:
+        """Count ``ns`` nanoseconds of the adapter's work (writing panels) as gradwatch's."""
+        self._own_ns += ns
+
+    def end_step(self, step: int) -> None:
+        """End the budget's interval of step ``step`` (everything since the previous
+        step's end: gradwatch's own time, the rest is training) and plan step ``step + 1``."""
+        session = self.session
+        if session is None or self.broken is not None:
+            return
+        now = self._clock()
+        own = self._own_ns + session.own_ns
+        session.own_ns = 0
+        interval = None if self._interval_start is None else (now - self._interval_start) * 1e-9
+        captured, signals = self._step_kind
+        self.scheduler.record(interval, own * 1e-9, captured=captured, signals=signals)
+        self._interval_start = now
+        self.plan_step(step + 1, self._next_forced)
+        self._next_forced = None
+        self._own_ns = self._clock() - now  # this bookkeeping belongs to the next interval
+
+    def _measure(
+        self, session: Recorder, step: int, optimizer: Any, scaler: Any, read_flags: bool
+    ) -> StepOutcome:
         scale, grads_scaled, found_inf = scaler_info(scaler, optimizer)
         injected = session.take_injected()
-        flag: DeviceFlag | HostFlag
-        if self._cheap.host:  # a CPU model: reading values costs nothing, no tensor ops
-            sig: Any = self._cheap.host_signals(injected, optimizer, scale, grads_scaled)
-            flag = HostFlag(self.detector.update_host(sig, scale is not None, found_inf))
-        else:
-            sig = self._cheap.device_signals(injected, optimizer, scale, grads_scaled)
-            flag = DeviceFlag(self.detector.update(sig, scale is not None, found_inf))
-
         reason = self._planned
+        signals = self._signals_planned or reason is not None or read_flags
+        sig: Any = None
+        flag: DeviceFlag | HostFlag | None = None
+        if signals:
+            if self._cheap.host:  # a CPU model: reading values costs nothing, no tensor ops
+                sig = self._cheap.host_signals(injected, optimizer, scale, grads_scaled)
+                flag = HostFlag(self.detector.update_host(sig, scale is not None, found_inf))
+            else:
+                sig = self._cheap.device_signals(injected, optimizer, scale, grads_scaled)
+                flag = DeviceFlag(self.detector.update(sig, scale is not None, found_inf))
+
         now: StepFlags | None = None
-        if self._sync:
+        if flag is None:  # a step off the signal stride: nothing measured, nothing to read
+            pass
+        elif self._sync:
             now = flag.read()
             if reason is None and session.retaining and (now.spike or now.nonfinite):
                 reason = "nonfinite" if now.nonfinite else "spike"
@@ -257,20 +336,27 @@ class MonitorCore:
             self.reports[step] = report
             while len(self.reports) > self.history:
                 self.reports.popitem(last=False)
-        self._pending.append(_Pending(step, sig, flag.flags, reason))
+        if flag is not None:
+            self._pending.append(_Pending(step, sig, flag.flags, reason))
         materialised: tuple[StepSignals, ...] = ()
         if reason is not None or self.is_logging_step(step) or len(self._pending) > _PENDING_MAX:
             materialised = self.flush_signals()
+        self._step_kind = (reason is not None, flag is not None)
+        self._next_forced = self._late_flags(all_of_them=flag is None)
+        return StepOutcome(step, report, reason, skipped, changes, materialised, now)
 
+    def _late_flags(self, all_of_them: bool) -> str | None:
+        """With asynchronous flags: the previous signal step's flags, one step late (all
+        pending ones on a step without signals); a capture they force, if any."""
         forced = None
-        if not self._sync and len(self._flags) > 1:  # the previous step's flags, one step late
+        keep = 0 if all_of_them else 1
+        while not self._sync and len(self._flags) > keep:
             old = self._flags.popleft().read()
             if old.nonfinite:
                 forced = "nonfinite"
-            elif old.spike:
+            elif old.spike and forced is None:
                 forced = "spike"
-        self.plan_step(step + 1, forced)
-        return StepOutcome(step, report, reason, skipped, changes, materialised, now)
+        return forced
 
     def _warn_skipped(self, step: int, skipped: Mapping[str, str]) -> None:
         """A capture that ran out of memory is skipped, not a failure: the module stays

@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from typing_extensions import TypedDict
 
@@ -20,18 +20,23 @@ from gradwatch._capture import Selector, normalize_selectors
 from gradwatch._clipping import STRATEGY_NAMES, Clipper, ClipStrategy
 from gradwatch._clipping.strategies import StrategyName
 from gradwatch._engine._common import check_int
+from gradwatch._engine.budget import DEFAULT_OVERHEAD_BUDGET
 
 if TYPE_CHECKING:
     from gradwatch._analysis.verdicts import Thresholds
 
-__all__ = ["DEFAULT_EVERY_N_STEPS", "ClipSpec", "WatchArgs", "WatchOptions", "watch_options"]
+__all__ = [
+    "DEFAULT_OVERHEAD_BUDGET",
+    "ClipSpec",
+    "FiguresMode",
+    "WatchArgs",
+    "WatchOptions",
+    "watch_options",
+]
 
-#: Default capture interval in optimizer steps. A capture replays every watched recurrence
-#: once (about 0.7-1.3x the module's own forward and backward on the CPU, see
-#: docs/benchmarks.md) and diagnoses it, so the amortised cost is about 1% of a step at 100.
-#: Vanishing/exploding regimes change over hundreds of steps; sudden explosions are caught at
-#: every step by the cheap signals, which trigger a capture of their own.
-DEFAULT_EVERY_N_STEPS = 100
+#: What ``figures=`` accepts: ``"auto"`` (none where the gradwatch TensorBoard tab draws the
+#: same data, fewer elsewhere), ``True`` (at every capture) or ``False`` (never).
+FiguresMode = Union[bool, Literal["auto"]]  # noqa: UP007 (a runtime alias)
 
 #: What ``clip=`` accepts: nothing, a strategy name, a configured strategy or a Clipper.
 ClipSpec = Union[StrategyName, ClipStrategy, Clipper, None]  # noqa: UP007 (a runtime alias)
@@ -49,7 +54,13 @@ class WatchOptions:
     """What `gradwatch.GradWatch` and `gradwatch.Monitor` share; see their docstrings.
 
     Attributes:
-        every_n_steps: Capture every this many optimizer steps, starting at the first.
+        overhead_budget: gradwatch's own time as a fraction of the training time (0.02: 2%).
+            Without ``every_n_steps`` the captures are spaced to stay within it; the cheap
+            signals are computed less often when they alone would exceed half of it. ``None``:
+            no budget (then ``every_n_steps`` is required). See docs/overhead.md.
+        every_n_steps: Capture every this many optimizer steps, starting at the first, instead
+            of the budget's schedule (``None``, the default: the budget decides). The
+            overhead is still measured and reported.
         include: Only watch modules matching these ``fnmatch`` name patterns or types
             (a tuple after validation; a single pattern or type is accepted).
         exclude: Do not watch modules matching these patterns or types.
@@ -63,12 +74,16 @@ class WatchOptions:
         thresholds: A `gradwatch.Thresholds` for the verdicts (``None``: the defaults).
         clip: ``None`` (never touch gradients), a strategy name, a configured
             `gradwatch.ClipStrategy` or a configured `gradwatch.Clipper`.
-        figures: Render TensorBoard figures on captures (when panels are written).
+        figures: Render matplotlib figures on captures (when panels are written):
+            ``"auto"`` (default) renders none when panels go to a TensorBoard writer (the
+            gradwatch tab draws the same data from tensor summaries) and every fifth capture's
+            elsewhere; ``True`` at every capture; ``False`` never.
         async_flags: Read the spike flag one step late without stalling the device
             (``None``: on CUDA only).
     """
 
-    every_n_steps: int = DEFAULT_EVERY_N_STEPS
+    overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET
+    every_n_steps: int | None = None
     include: tuple[Selector, ...] | None = None
     exclude: tuple[Selector, ...] | None = None
     spike_factor: float = 10.0
@@ -77,11 +92,12 @@ class WatchOptions:
     log_every_n_steps: int | None = None
     thresholds: Thresholds | None = None
     clip: ClipSpec = None
-    figures: bool = True
+    figures: FiguresMode = "auto"
     async_flags: bool | None = None
 
     def __post_init__(self) -> None:
-        check_int("every_n_steps", self.every_n_steps, 1)
+        _check_budget(self.overhead_budget, self.every_n_steps)
+        check_int("every_n_steps", self.every_n_steps, 1, allow_none=True)
         check_int("warmup_steps", self.warmup_steps, 0)
         check_int("history", self.history, 1)
         check_int("log_every_n_steps", self.log_every_n_steps, 1, allow_none=True)
@@ -91,11 +107,10 @@ class WatchOptions:
                 f"spike_factor must be a number > 1 (math.inf turns spike detection off), "
                 f"got {factor!r}"
             )
-        for name in ("figures", "async_flags"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (name == "async_flags" and value is None):
-                allowed = "True, False or None" if name == "async_flags" else "True or False"
-                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        if not isinstance(self.figures, bool) and self.figures != "auto":
+            raise ValueError(f"figures must be 'auto', True or False, got {self.figures!r}")
+        if not isinstance(self.async_flags, bool) and self.async_flags is not None:
+            raise ValueError(f"async_flags must be True, False or None, got {self.async_flags!r}")
         for name in ("include", "exclude"):  # frozen: normalised through object.__setattr__
             object.__setattr__(self, name, normalize_selectors(getattr(self, name), name))
         if self.thresholds is not None:
@@ -138,6 +153,21 @@ class WatchOptions:
         return cls(**data)
 
 
+def _check_budget(budget: Any, every_n_steps: Any) -> None:
+    if budget is None:
+        if every_n_steps is None:
+            raise ValueError(
+                "overhead_budget=None (no budget) needs a fixed schedule: pass every_n_steps "
+                "too, or keep a budget such as overhead_budget=0.02"
+            )
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+        raise ValueError(
+            f"overhead_budget must be a fraction of the training time in (0, 1] (0.02 means "
+            f"2%) or None, got {budget!r}"
+        )
+
+
 def _resolve_type(selector: Any) -> Any:
     if not (isinstance(selector, dict) and "type" in selector):
         return selector
@@ -167,7 +197,8 @@ class WatchArgs(TypedDict, total=False):
     """The keyword arguments of `GradWatch` and `Monitor` that build their `WatchOptions`
     (for ``**options: Unpack[WatchArgs]``: type checkers and editors see every name)."""
 
-    every_n_steps: int
+    overhead_budget: float | None
+    every_n_steps: int | None
     include: Selectors
     exclude: Selectors
     spike_factor: float
@@ -176,7 +207,7 @@ class WatchArgs(TypedDict, total=False):
     log_every_n_steps: int | None
     thresholds: Thresholds | None
     clip: ClipSpec
-    figures: bool
+    figures: FiguresMode
     async_flags: bool | None
 
 

@@ -102,5 +102,9 @@ def layout_for(
             "Multiline",
             [head + r"/step/(skipped|spike)$"],
         ],
+        "gradwatch's own time (fraction of the training time)": [
+            "Multiline",
+            [head + r"/overhead$"],
+        ],
     }
     return layout

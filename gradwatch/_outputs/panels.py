@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -31,6 +31,10 @@ __all__ = ["PanelWriter", "ProfileHistory"]
 log = logging.getLogger("gradwatch")
 
 FIGURE_KINDS = ("heatmap", "profile", "propagation")
+
+#: With ``figures="auto"`` and no TensorBoard writer, figures are rendered on every this
+#: many-th report only (they cost about as much as a capture on small models).
+AUTO_FIGURE_EVERY = 5
 
 
 class ProfileHistory:
@@ -94,7 +98,11 @@ class PanelWriter:
             ``torch.utils.tensorboard.SummaryWriter`` (or tensorboardX's), a list of those
             (e.g. ``trainer.loggers``) or ``None`` (write nothing).
         history: How many reports per call the heatmap keeps (a ring; older ones drop out).
-        figures: Render figures at all. They cost tens of milliseconds each.
+        figures: Render figures: ``True`` on every k-th `write` (``figure_every``),
+            ``False`` never, ``"auto"`` never while the gradwatch TensorBoard tab gets the
+            same data (some destination is a TensorBoard writer taking the profiles), else
+            on every ``max(figure_every, AUTO_FIGURE_EVERY)``-th `write`. They cost tens of
+            milliseconds each, on the training thread.
         figure_every: Render figures on every k-th `write` only.
         dpi: Figure resolution.
         auto_layout: Write the dashboard on the first `write` if `write_layout`
@@ -109,7 +117,7 @@ class PanelWriter:
         target: Any,
         history: int = 200,
         *,
-        figures: bool = True,
+        figures: bool | Literal["auto"] = True,
         figure_every: int = 1,
         dpi: int = 80,
         auto_layout: bool = True,
@@ -183,13 +191,32 @@ class PanelWriter:
             self.write_layout(names)
         if self.profiles:
             self.write_profiles(step, report)
-        if not self.figures or not self._sinks:
-            return
-        if not any(self._image_target(s) for s in self._sinks):
+        every = self._figure_interval()
+        if every is None:
             return
         self.history.add(step, report)
-        if (self._writes - 1) % self.figure_every == 0:
+        if (self._writes - 1) % every == 0:
             self.write_figures(step, report)
+
+    def _figure_interval(self) -> int | None:
+        """Render figures on every this many-th `write` (``None``: not at all)."""
+        if not self.figures or not self._sinks:
+            return None
+        if self.figures == "auto" and self.tab_draws_profiles:
+            return None
+        if not any(self._image_target(s) for s in self._sinks):
+            return None
+        if self.figures == "auto":
+            return max(self.figure_every, AUTO_FIGURE_EVERY)
+        return self.figure_every
+
+    @property
+    def tab_draws_profiles(self) -> bool:
+        """Whether some destination is a TensorBoard writer taking the profiles, which the
+        gradwatch tab draws (the heatmap, profile and propagation of the figures)."""
+        return self.profiles and any(
+            s.profiles and self._file_writer(s) is not None for s in self._sinks
+        )
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Cheap per-step signals: scalars only, tags used as given."""

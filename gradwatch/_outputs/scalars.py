@@ -6,6 +6,8 @@ Tag scheme (stable; documented in docs/panels.md):
 gradwatch/<module>/l<layer>d<direction>/<metric>   per layer and direction
 gradwatch/<module>/<metric>                        per module call
 gradwatch/clip/<metric>                            clipping events (global)
+gradwatch/step/<metric>                            per-step signals (global)
+gradwatch/overhead                                 gradwatch's own time / training time
 ```
 
 ``<module>`` is the report's call name made safe for every logger: characters outside
@@ -26,10 +28,12 @@ from torch import Tensor
 from gradwatch._analysis.report import ModuleReport, Report
 from gradwatch._base.vocabulary import GATED_KINDS
 from gradwatch._clipping.clipper import ClipEvent
+from gradwatch._engine.budget import Overhead
 from gradwatch._engine.signals import StepSignals
 
 # The tag scheme lives in a torch-free module so that `gradwatch report` can read it.
 from gradwatch._outputs.tags import (
+    OVERHEAD_METRIC,
     PREFIX,
     VERDICT_CODES,
     layer_tag,
@@ -44,6 +48,7 @@ __all__ = [
     "layer_tag",
     "module_scalars",
     "module_tag",
+    "overhead_scalars",
     "param_grad_scalars",
     "profile_stats",
     "safe_name",
@@ -80,6 +85,11 @@ def signal_scalars(s: StepSignals, prefix: str = PREFIX) -> dict[str, float]:
     out[f"{prefix}/step/skipped"] = float(s.skipped)
     out[f"{prefix}/step/spike"] = float(s.spike)
     return out
+
+
+def overhead_scalars(overhead: Overhead, prefix: str = PREFIX) -> dict[str, float]:
+    """``gradwatch/overhead``: gradwatch's own time so far over the training time."""
+    return {f"{prefix}/{OVERHEAD_METRIC}": float(overhead.fraction)}
 
 
 def param_grad_scalars(

@@ -6,6 +6,7 @@ gradwatch/<module>/l<layer>d<direction>/<metric>   per layer and direction
 gradwatch/<module>/<metric>                        per module call
 gradwatch/clip/<metric>                            clipping events (global)
 gradwatch/step/<metric>                            per-step signals (global)
+gradwatch/overhead                                 gradwatch's own time / training time
 ```
 """
 
@@ -19,6 +20,7 @@ __all__ = [
     "CLIP_METRICS",
     "LAYER_METRICS",
     "MODULE_METRICS",
+    "OVERHEAD_METRIC",
     "PREFIX",
     "STEP_METRICS",
     "VERDICT_CODES",
@@ -57,6 +59,8 @@ MODULE_METRICS = ("verdict", "seq_len", "fidelity", "nonfinite_timestep", "param
 CLIP_METRICS = ("pre_norm", "threshold", "coefficient", "clipped")
 # ``skipped``: the GradScaler skipped the step; ``spike``: the detector saw a spike.
 STEP_METRICS = ("skipped", "spike")
+# ``gradwatch/overhead``: gradwatch's own time so far as a fraction of the training time.
+OVERHEAD_METRIC = "overhead"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
 
