@@ -215,6 +215,13 @@ class MonitorCore:
         """What gradwatch has spent so far, against the training time."""
         return self.scheduler.overhead()
 
+    def _set_clock(self, clock: Callable[[], int]) -> None:
+        """Measure the budget with ``clock`` (nanoseconds) instead of the wall clock: tests
+        drive the schedule deterministically with a fake one."""
+        self._clock = clock
+        if self.session is not None:
+            self.session.clock = clock
+
     def plan_step(self, step: int, forced: str | None = None) -> None:
         """Set what optimizer step ``step`` records: a capture when it is scheduled or
         ``forced`` (``"spike"``, ``"nonfinite"``), else the cheap signals (on the budget's

@@ -1,0 +1,341 @@
+"""The overhead budget wired into the monitor: options, schedule, reporting, figures.
+
+No test here depends on real timing: the monitor's clock is replaced by a fake one that
+only moves when a test says so. A training step advances it by ``TRAIN`` (outside
+gradwatch), a capture by ``CAPTURE`` (inside gradwatch's analysis, so it is gradwatch's
+own time), everything else of gradwatch's takes no time. The expected schedules follow from
+the budget's rule (docs/overhead.md): step ``j`` is captured when what was spent plus the
+expected cost of a capture is at most ``budget`` times the training time up to and
+including step ``j``; before any capture the expected cost is 4 training steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch._engine import monitor as monitor_module
+from gradwatch._engine.options import WatchOptions
+from gradwatch._engine.signals import CheapSignals
+
+L = pytest.importorskip("lightning.pytorch")
+
+TRAIN = 10e-3  # seconds of training per step
+CAPTURE = 45e-3  # seconds of gradwatch's own time per capture
+BUDGET = 0.07
+# first capture: 4 * 10 ms <= 0.07 * 10 ms * j  ->  j = 58 (57.1 rounded up);
+# then 45 ms spent + 45 ms expected: 90 ms <= 0.07 * 10 ms * j  ->  j = 129 (128.6),
+# and 135 ms -> j = 193 (192.9)
+EXPECTED = [58, 129, 193]
+
+
+class FakeClock:
+    """A clock in nanoseconds that moves only when `advance` is called."""
+
+    def __init__(self) -> None:
+        self.ns = 0
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def advance(self, seconds: float) -> None:
+        self.ns += round(seconds * 1e9)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake clock, charged ``CAPTURE`` by every capture's analysis."""
+    fake = FakeClock()
+    real = monitor_module.analyze
+
+    def analyze(raw, **kw):
+        fake.advance(CAPTURE)
+        return real(raw, **kw)
+
+    monkeypatch.setattr(monitor_module, "analyze", analyze)
+    return fake
+
+
+# ------------------------------------------------------------------------------ options
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"overhead_budget": 0}, "overhead_budget must be a fraction"),
+        ({"overhead_budget": -0.01}, "overhead_budget must be a fraction"),
+        ({"overhead_budget": 2}, r"overhead_budget .*0\.02 means 2%"),
+        ({"overhead_budget": math.nan}, "overhead_budget"),
+        ({"overhead_budget": "2%"}, "overhead_budget"),
+        ({"overhead_budget": True}, "overhead_budget"),
+        ({"overhead_budget": None}, "overhead_budget=None .*every_n_steps"),
+        ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),
+        ({"figures": "yes"}, "figures must be 'auto', True or False"),
+    ],
+)
+def test_invalid_budget_options_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gradwatch.GradWatch(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        gradwatch.Monitor(nn.GRU(2, 3), **kwargs)
+
+
+def test_defaults_are_the_budget_and_auto_figures():
+    o = WatchOptions()
+    assert (o.overhead_budget, o.every_n_steps, o.figures) == (0.02, None, "auto")
+    gw = gradwatch.GradWatch(overhead_budget=None, every_n_steps=5)
+    assert (gw.overhead_budget, gw.every_n_steps) == (None, 5)
+    assert WatchOptions.from_plain(gw.options.to_plain()) == gw.options
+
+
+def test_options_pickled_before_the_budget_still_load():
+    """A GradWatch pickled when every_n_steps defaulted to 100 (no overhead_budget, figures
+    a bool) keeps that fixed schedule; the budget is measured alongside."""
+    old = {
+        "options": {
+            "every_n_steps": 100,
+            "include": None,
+            "exclude": None,
+            "spike_factor": 10.0,
+            "warmup_steps": 10,
+            "history": 100,
+            "log_every_n_steps": None,
+            "thresholds": None,
+            "clip": None,
+            "figures": True,
+            "async_flags": None,
+        },
+        "state": gradwatch.GradWatch().state_dict(),
+    }
+    gw = gradwatch.GradWatch.__new__(gradwatch.GradWatch)
+    gw.__setstate__(old)
+    assert (gw.every_n_steps, gw.overhead_budget, gw.figures) == (100, 0.02, True)
+    again = pickle.loads(pickle.dumps(gw))
+    assert again.options == gw.options
+
+
+# ------------------------------------------------------------------------ Monitor, core
+def _gru_loop(mon, model, clock, steps, nan_steps=()):
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(steps):
+        clock.advance(TRAIN)  # the training step's own time, outside gradwatch
+        out, _ = model(torch.randn(6, 2, 3, generator=g))
+        loss = out.pow(2).sum()
+        if step in nan_steps:
+            loss = loss * math.nan
+        loss.backward()
+        mon.step(opt)
+        if step not in nan_steps:  # a NaN step is not applied: later steps are finite
+            opt.step()
+        opt.zero_grad()
+
+
+def _monitor(clock, **kw):
+    model = nn.GRU(3, 4)
+    mon = gradwatch.Monitor(model, log_every_n_steps=10**6, **kw)
+    mon._core._set_clock(clock)
+    return mon, model
+
+
+def test_monitor_captures_on_the_budgets_schedule(clock):
+    mon, model = _monitor(clock, overhead_budget=BUDGET)
+    with mon:
+        _gru_loop(mon, model, clock, 200)
+    assert list(mon.reports) == EXPECTED  # not at step 0: the first capture is paid for too
+    o = mon.overhead
+    assert isinstance(o, gradwatch.Overhead)
+    assert o.captures == 3 and o.budget == BUDGET and o.signal_stride == 1
+    assert o.spent_s == pytest.approx(3 * CAPTURE)
+    assert o.training_s == pytest.approx(199 * TRAIN)  # the first interval has no start
+    assert o.fraction == pytest.approx(3 * CAPTURE / (199 * TRAIN))
+    assert o.fraction <= BUDGET
+
+
+def test_a_forced_capture_happens_at_once_and_is_paid_from_the_budget(clock):
+    mon, model = _monitor(clock, overhead_budget=BUDGET)
+    with mon:
+        _gru_loop(mon, model, clock, 200, nan_steps={20})
+    # the non-finite step is captured at once, and its 45 ms are spent: the capture the
+    # budget would have scheduled at 58 waits until 90 ms are affordable (129), as if the
+    # forced one had been the first scheduled one
+    assert list(mon.reports) == [20, 129, 193]
+    assert mon.reports[20]["GRU"].verdict == "nonfinite"
+    assert {s.step: s.captured for s in mon.signals}[20] == "nonfinite"
+    assert mon.overhead.captures == 3
+
+
+def test_every_n_steps_overrides_the_captures_and_the_budget_is_still_measured(clock):
+    mon, model = _monitor(clock, overhead_budget=BUDGET, every_n_steps=50)
+    with mon:
+        _gru_loop(mon, model, clock, 120)
+    assert list(mon.reports) == [0, 50, 100]
+    o = mon.overhead
+    assert o.captures == 3 and o.spent_s == pytest.approx(3 * CAPTURE)
+    assert o.training_s == pytest.approx(119 * TRAIN)
+
+
+def test_expensive_signals_are_computed_on_a_stride(clock, monkeypatch):
+    """Signals of 1 ms against a 10 ms step: with a 2% budget (half of it for the signals,
+    0.1 ms a step) they are computed about every 10th step; the detector only sees those."""
+    real = CheapSignals.host_signals
+
+    def host_signals(self, *args, **kwargs):
+        clock.advance(1e-3)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheapSignals, "host_signals", host_signals)
+    mon, model = _monitor(clock, overhead_budget=0.02, every_n_steps=10**6)
+    with mon:
+        _gru_loop(mon, model, clock, 60)
+        updates = int(mon._core.detector.count.max())
+    stride = mon.overhead.signal_stride
+    assert 9 <= stride <= 11  # ceil(1 ms / 0.1 ms), up to rounding of the running averages
+    steps = [s.step for s in mon.signals]
+    assert steps[:2] == [0, 1]  # before the cost is known: every step
+    assert {b - a for a, b in zip(steps[1:], steps[2:], strict=False)} == {stride}
+    assert updates == len(steps)  # the running levels only took the measured steps
+    assert all(s.injected["GRU"] > 0 for s in mon.signals)  # never a partial accumulation
+
+
+def test_monitor_close_logs_the_overhead_line(clock, caplog):
+    mon, model = _monitor(clock, overhead_budget=BUDGET)
+    _gru_loop(mon, model, clock, 60)
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        mon.close()
+        mon.close()  # idempotent: one line
+    lines = [r.getMessage() for r in caplog.records if "gradwatch overhead" in r.getMessage()]
+    expected = f"{100 * CAPTURE / (59 * TRAIN):.2f}% of training time"
+    assert len(lines) == 1 and expected in lines[0] and "1 captures" in lines[0]
+    assert "budget 7.0%" in lines[0]
+
+
+# ------------------------------------------------------------------------------ Lightning
+class LM(L.LightningModule):
+    """A GRU language model whose training step takes ``TRAIN`` on the fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.emb = nn.Embedding(20, 8)
+        self.rnn = nn.GRU(8, 16)
+        self.head = nn.Linear(16, 20)
+
+    def training_step(self, batch, batch_idx):
+        self.clock.advance(TRAIN)
+        (x,) = batch
+        out, _ = self.rnn(self.emb(x).transpose(0, 1))
+        return nn.functional.cross_entropy(self.head(out).flatten(0, 1), x.T.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randint(0, 20, (64, 10), generator=g))
+    return torch.utils.data.DataLoader(ds, batch_size=4)
+
+
+def test_lightning_with_its_default_tensorboard_logger(clock, tmp_path, caplog):
+    """A real Trainer with its default TensorBoardLogger: the budget's schedule, the
+    ``gradwatch/overhead`` scalar on logging steps, the tab's tensors and no figure (auto),
+    and the overhead line in the end-of-training summary."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    gw = gradwatch.GradWatch(overhead_budget=BUDGET)
+    gw._core._set_clock(clock)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=200,
+        callbacks=[gw],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.gradwatch"):
+        trainer.fit(LM(clock), _data())
+    assert list(gw.reports) == EXPECTED
+    assert gw.overhead.captures == 3
+
+    logdir = tmp_path / "lightning_logs" / "version_0"
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    overhead = {e.step: e.value for e in acc.Scalars("gradwatch/overhead")}
+    assert sorted(overhead) == [0, 50, 100, 150]  # the Trainer's log_every_n_steps
+    # written before the step's own accounting: what was spent over steps 1..s-1
+    assert overhead[0] == 0.0 and overhead[50] == 0.0
+    assert overhead[100] == pytest.approx(CAPTURE / (99 * TRAIN), rel=1e-6)
+    assert overhead[150] == pytest.approx(2 * CAPTURE / (149 * TRAIN), rel=1e-6)
+    assert max(overhead.values()) <= BUDGET
+    assert acc.Tags()["images"] == []  # figures="auto": the gradwatch tab draws them
+    tensors = set(acc.Tags()["tensors"])
+    assert {"gradwatch/rnn/profiles", "gradwatch/rnn/diagnosis"} <= tensors
+    assert [e.step for e in acc.Tensors("gradwatch/rnn/profiles")] == EXPECTED
+
+    summary = [r.getMessage() for r in caplog.records if r.name == "lightning.pytorch.gradwatch"]
+    assert len(summary) == 1
+    assert "gradwatch overhead" in summary[0] and "3 captures" in summary[0]
+    assert f"{100 * 3 * CAPTURE / (199 * TRAIN):.2f}% of training time" in summary[0]
+
+
+def test_figures_true_still_renders_for_tensorboard(clock, tmp_path):
+    gw = gradwatch.GradWatch(every_n_steps=2, figures=True)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=3,
+        callbacks=[gw],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LM(clock), _data())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    acc.Reload()
+    assert "gradwatch/rnn/profile" in acc.Tags()["images"]
+
+
+def test_checkpoint_of_the_old_default_schedule_loads_into_the_budget_default(tmp_path):
+    """Checkpoints written when every_n_steps defaulted to 100 keep their state under that
+    configuration's state_key; GradWatch() (budget) still finds it."""
+    clock = FakeClock()
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    old = gradwatch.GradWatch(every_n_steps=100)
+    kw = dict(enable_progress_bar=False, enable_model_summary=False, logger=False)
+    L.Trainer(max_steps=4, callbacks=[old, ckpt], **kw).fit(LM(clock), _data())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"][old.state_key]
+
+    new = gradwatch.GradWatch()
+    assert new.state_key != old.state_key
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["ema"] = new._core.detector.ema.clone()
+
+    trainer = L.Trainer(max_steps=6, callbacks=[new, Probe(), ckpt], **kw)
+    trainer.fit(LM(clock), _data(), ckpt_path=tmp_path / "last.ckpt")
+    assert torch.equal(seen["ema"], saved["ema"])
+
+
+# -------------------------------------------------------------------------------- panels
+def test_auto_figures_are_rendered_less_often_without_tensorboard():
+    from test_outputs_panels import ImageLogger, small_reports
+
+    logger = ImageLogger()
+    panels = gradwatch.PanelWriter(logger, figures="auto")
+    assert not panels.tab_draws_profiles
+    for step, report in small_reports(range(0, 120, 10)):
+        panels.write(step, report)
+    assert sorted({s for _, _, s in logger.images}) == [0, 50, 100]  # every 5th write
+    always = ImageLogger()
+    panels = gradwatch.PanelWriter(always, figures=True)
+    for step, report in small_reports(range(0, 30, 10)):
+        panels.write(step, report)
+    assert sorted({s for _, _, s in always.images}) == [0, 10, 20]
