@@ -200,9 +200,7 @@ def test_merge_keeps_nonfinite_and_worst_diagnostics():
 def test_spike_is_captured_at_the_same_step_on_cpu():
     torch.manual_seed(0)
     model = LM()
-    with gradwatch.Monitor(
-        model, every_n_steps=1000, overhead_budget=None, warmup_steps=3
-    ) as mon:
+    with gradwatch.Monitor(model, every_n_steps=1000, overhead_budget=None, warmup_steps=3) as mon:
         _train(model, mon, steps=8, lr=0.0, scales={6: 1e4})
     assert list(mon.reports) == [0, 6]
     s = {x.step: x for x in mon.signals}
@@ -311,9 +309,7 @@ def test_close_removes_every_hook_and_history_is_bounded():
 def test_state_dict_is_weights_only_loadable_and_restores_the_detector():
     torch.manual_seed(0)
     model = LM()
-    with gradwatch.Monitor(
-        model, every_n_steps=2, overhead_budget=None, warmup_steps=1
-    ) as mon:
+    with gradwatch.Monitor(model, every_n_steps=2, overhead_budget=None, warmup_steps=1) as mon:
         _train(model, mon, steps=5)
         state = mon.state_dict()
     buf = io.BytesIO()

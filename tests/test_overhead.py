@@ -11,6 +11,7 @@ including step ``j``; before any capture the expected cost is 4 training steps.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import pickle
@@ -197,7 +198,7 @@ def test_expensive_signals_are_computed_on_a_stride(clock, monkeypatch):
     assert 9 <= stride <= 11  # ceil(1 ms / 0.1 ms), up to rounding of the running averages
     steps = [s.step for s in mon.signals]
     assert steps[:2] == [0, 1]  # before the cost is known: every step
-    assert {b - a for a, b in zip(steps[1:], steps[2:], strict=False)} == {stride}
+    assert {b - a for a, b in itertools.pairwise(steps[1:])} == {stride}
     assert updates == len(steps)  # the running levels only took the measured steps
     assert all(s.injected["GRU"] > 0 for s in mon.signals)  # never a partial accumulation
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gradwatch._engine.budget import Overhead
-
 from gradwatch._analysis.report import Report
 from gradwatch._clipping import ClipEvent, Clipper
+from gradwatch._engine.budget import Overhead
 from gradwatch._engine.clip_control import ClipControl
 from gradwatch._engine.history import ReportHistory
 from gradwatch._engine.monitor import MonitorCore
