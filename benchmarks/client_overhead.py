@@ -4,9 +4,10 @@ Rows: darts ``RNNModel`` and ``BlockRNNModel``, neuralforecast ``LSTM``, pytorch
 ``DeepAR`` and the project's reference LSTM language model, each trained the way its library
 trains it, with the logger the library attaches by default (darts: none; neuralforecast,
 pytorch-forecasting and a plain Lightning ``Trainer``: Lightning's default
-``TensorBoardLogger``). Columns: ``GradWatch()`` at its defaults, the cheap signals alone
-(``every_n_steps=10**9``: no capture after the first step) and an exact capture with
-diagnostics at every step (``every_n_steps=1``).
+``TensorBoardLogger``). Columns: ``GradWatch()`` at its defaults (the overhead budget), the
+cheap signals alone at every step (``every_n_steps=10**9, overhead_budget=None``: no capture
+after the first step, no signal stride) and an exact capture with diagnostics at every step
+(``every_n_steps=1``).
 
 Method (docs/benchmarks.md, "Client overhead"): one training run per row and column, cut into
 windows of ``W`` optimizer steps. GradWatch is switched on and off window by window
@@ -45,7 +46,7 @@ import gradwatch
 
 COLUMNS = {
     "defaults": {},
-    "cheap signals alone": {"every_n_steps": 10**9},
+    "cheap signals alone": {"every_n_steps": 10**9, "overhead_budget": None},
     "capture every step": {"every_n_steps": 1},
 }
 
