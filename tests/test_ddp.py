@@ -5,6 +5,7 @@ verdicts; only rank zero speaks."""
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 
 import pytest
@@ -51,6 +52,7 @@ class Probe(L.Callback):
                 "verdicts": self.gw.verdicts,
                 "warnings": self.handler.count,
                 "weights": [p.detach().clone() for p in pl_module.parameters()],
+                "overhead": self.gw.overhead,
             },
             f"{self.out}/rank{trainer.global_rank}.pt",
         )
@@ -96,3 +98,43 @@ def test_ddp_spawn_reduces_before_deciding_and_only_rank_zero_warns(tmp_path):
     assert r1["warnings"] == 0 and r0["warnings"] >= 1
     for a, b in zip(r0["weights"], r1["weights"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+class SlowRankLM(RankLM):
+    """Rank 1 trains slower: the ranks measure different times."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1:
+            time.sleep(0.003)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_the_budgets_schedule(tmp_path):
+    """Each rank measures its own times, but captures and signal steps run collectives: the
+    ranks average their measurements on logging steps and decide from the same numbers
+    in between, so they capture the same steps (a mismatch would hang or fail)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randint(0, 20, (64, 10), generator=g)), batch_size=4
+    )
+    gw = gradwatch.GradWatch(overhead_budget=1.0, log_every_n_steps=5)  # frequent captures
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=30,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[gw, Probe(gw, str(tmp_path))],
+    )
+    trainer.fit(SlowRankLM(spike_step=10**9, nan_step=10**9), data)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert list(r0["reports"]) == list(r1["reports"])
+    assert len(r0["reports"]) >= 1 and 0 not in r0["reports"]  # none before a measurement
+    assert [s["step"] for s in r0["signals"]] == [s["step"] for s in r1["signals"]]
+    assert r0["overhead"] == r1["overhead"]  # the agreed (averaged) accounting

@@ -203,6 +203,25 @@ def test_expensive_signals_are_computed_on_a_stride(clock, monkeypatch):
     assert all(s.injected["GRU"] > 0 for s in mon.signals)  # never a partial accumulation
 
 
+def test_a_budget_that_the_per_step_work_alone_exceeds_is_reported_once(clock, monkeypatch):
+    """Per-step work of 0.5 ms against 10 ms steps is 5%, over a 2% budget: no capture can
+    fit, and after 500 steps one warning says so and what to do."""
+    from gradwatch._capture.recorder import Recorder
+
+    real = Recorder.take_injected
+
+    def take_injected(self):
+        clock.advance(0.5e-3)
+        return real(self)
+
+    monkeypatch.setattr(Recorder, "take_injected", take_injected)
+    mon, model = _monitor(clock, overhead_budget=0.02)
+    with mon, pytest.warns(RuntimeWarning, match=r"5\.0% .*overhead_budget=0\.02") as caught:
+        _gru_loop(mon, model, clock, 520)
+    assert len([w for w in caught if "overhead_budget" in str(w.message)]) == 1
+    assert mon.reports == {} and mon.overhead.fraction > 0.02
+
+
 def test_monitor_close_logs_the_overhead_line(clock, caplog):
     mon, model = _monitor(clock, overhead_budget=BUDGET)
     _gru_loop(mon, model, clock, 60)

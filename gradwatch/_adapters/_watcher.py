@@ -163,12 +163,12 @@ class Watcher:
                 scaler=scaler,
             )
         if out is not None or event is not None:
-            start = core._clock()
+            start = core.clock()
             try:
                 self._publish(out or StepOutcome(step), event)
             except Exception as e:  # monitoring must never crash training
                 core.break_down(e)
-            core.add_own_time(core._clock() - start)
+            core.add_own_time(core.clock() - start)
         if monitor:
             try:
                 core.end_step(step)

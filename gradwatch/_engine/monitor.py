@@ -24,7 +24,6 @@ fixed ``every_n_steps`` overrides its captures. Clipping lives in `.clip_control
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -37,8 +36,9 @@ from gradwatch._analysis import analyze
 from gradwatch._analysis.report import Report
 from gradwatch._capture import Recorder, select_modules
 from gradwatch._capture.families import looked_for
-from gradwatch._engine._common import Warn, default_warn, scaler_info
-from gradwatch._engine.budget import BudgetScheduler, Overhead
+from gradwatch._engine._common import Warn, default_warn, distributed, scaler_info
+from gradwatch._engine.accounting import BudgetMeter
+from gradwatch._engine.budget import Overhead
 from gradwatch._engine.detector import DeviceFlag, HostFlag, SpikeDetector, StepFlags
 from gradwatch._engine.merge import build_step_report
 from gradwatch._engine.options import WatchOptions
@@ -57,6 +57,7 @@ class _Pending(NamedTuple):
 
 
 _PENDING_MAX = 1000  # cheap signals kept on the device at most before a transfer
+_BUDGET_CHECK = 500  # after this many steps, say so if no capture ever fitted the budget
 
 
 class MonitorCore:
@@ -71,13 +72,9 @@ class MonitorCore:
         self.include = options.include
         self.exclude = options.exclude
         self.every_n_steps = options.every_n_steps
-        self.scheduler = BudgetScheduler(
-            options.overhead_budget, every_n_steps=options.every_n_steps
-        )
+        self.meter = BudgetMeter(options.overhead_budget, options.every_n_steps)
         # Reactive clipping reads the flags of every step: no signal stride then.
         self.signals_every_step = False
-        # The clock of the budget (ns). Private: tests replace it to drive the schedule.
-        self._clock: Callable[[], int] = time.perf_counter_ns
         self.detector = SpikeDetector(float(options.spike_factor), options.warmup_steps)
         self.history = options.history
         # ``None`` until the adapter knows its loop's interval (the Trainer's)
@@ -102,9 +99,6 @@ class MonitorCore:
         self._planned: str | None = None
         self._signals_planned = True  # the planned step computes the cheap signals
         self._sync = True
-        # the budget's accounting of the current interval (see `end_step`)
-        self._own_ns = 0  # own time outside the recorder's hooks
-        self._interval_start: int | None = None  # None: the first interval after an attach
         self._step_kind = (False, False)  # the finished step: (captured, had signals)
         self._next_forced: str | None = None
         self._warned: set[str] = set()
@@ -149,7 +143,8 @@ class MonitorCore:
             self._warn_once(f"unmatched:{entry}", f"gradwatch: {entry} matched no recurrent module")
         consume = partial(analyze, thresholds=self.thresholds)
         session = Recorder(model, selection.watched, consume, windowed=True)
-        session.clock = self._clock
+        session.clock = self.meter.clock
+        self.meter.set_distributed(distributed())
         self.session = session
         self.names = list(session.names)
         params = [list(m.parameters()) for _, m, _ in selection.watched]
@@ -176,8 +171,7 @@ class MonitorCore:
     def attach(self) -> None:
         if self.session is not None and self.broken is None:
             self.session.attach()
-        # what happened since the last step (validation, setup) is neither training nor ours
-        self._interval_start = None
+        self.meter.restart_interval()  # since the last step: neither training nor ours
 
     def detach(self) -> None:
         if self.session is not None:
@@ -213,12 +207,17 @@ class MonitorCore:
     @property
     def overhead(self) -> Overhead:
         """What gradwatch has spent so far, against the training time."""
-        return self.scheduler.overhead()
+        return self.meter.overhead()
+
+    @property
+    def clock(self) -> Callable[[], int]:
+        """The budget's clock (nanoseconds)."""
+        return self.meter.clock
 
     def _set_clock(self, clock: Callable[[], int]) -> None:
         """Measure the budget with ``clock`` (nanoseconds) instead of the wall clock: tests
         drive the schedule deterministically with a fake one."""
-        self._clock = clock
+        self.meter.clock = clock
         if self.session is not None:
             self.session.clock = clock
 
@@ -226,13 +225,14 @@ class MonitorCore:
         """Set what optimizer step ``step`` records: a capture when it is scheduled or
         ``forced`` (``"spike"``, ``"nonfinite"``), else the cheap signals (on the budget's
         signal stride, and on every logging step) or nothing."""
-        reason = "scheduled" if self.scheduler.capture_next(step) else None
+        scheduler = self.meter.scheduler
+        reason = "scheduled" if scheduler.capture_next(step) else None
         self._planned = reason or forced
         signals = (  # the signals a logging step logs are its own
             self._planned is not None
             or self.signals_every_step
             or self.is_logging_step(step)
-            or self.scheduler.signals_next()
+            or scheduler.signals_next()
         )
         self._signals_planned = signals
         if self.session is not None:
@@ -266,18 +266,19 @@ class MonitorCore:
         session = self.session
         if session is None or self.broken is not None:
             return StepOutcome(step)
-        start = self._clock()
+        clock = self.meter.clock
+        start = clock()
         try:
             out = self._measure(session, step, optimizer, scaler, read_flags)
         finally:
-            self._own_ns += self._clock() - start
+            self.meter.add(clock() - start)
         if end:
             self.end_step(step)
         return out
 
     def add_own_time(self, ns: int) -> None:
         """Count ``ns`` nanoseconds of the adapter's work (writing panels) as gradwatch's."""
-        self._own_ns += ns
+        self.meter.add(ns)
 
     def end_step(self, step: int) -> None:
         """End the budget's interval of step ``step`` (everything since the previous
@@ -285,16 +286,28 @@ class MonitorCore:
         session = self.session
         if session is None or self.broken is not None:
             return
-        now = self._clock()
-        own = self._own_ns + session.own_ns
-        session.own_ns = 0
-        interval = None if self._interval_start is None else (now - self._interval_start) * 1e-9
+        meter = self.meter
+        hooks, session.own_ns = session.own_ns, 0
         captured, signals = self._step_kind
-        self.scheduler.record(interval, own * 1e-9, captured=captured, signals=signals)
-        self._interval_start = now
+        sync = meter.distributed and self.is_logging_step(step)  # the same steps on all ranks
+        meter.end_step(hooks, captured=captured, signals=signals, sync=sync)
+        if meter.steps == _BUDGET_CHECK and meter.unreachable():
+            self._warn_budget()
+        start = meter.start
         self.plan_step(step + 1, self._next_forced)
         self._next_forced = None
-        self._own_ns = self._clock() - now  # this bookkeeping belongs to the next interval
+        if start is not None:  # this bookkeeping belongs to the next interval
+            meter.add(meter.clock() - start)
+
+    def _warn_budget(self) -> None:
+        o = self.overhead
+        self._warn_once(
+            "<budget>",
+            f"gradwatch: its work at every step alone costs {100 * o.fraction:.1f}% of the "
+            f"training time, more than overhead_budget={o.budget:g}: no capture has fitted "
+            f"in {_BUDGET_CHECK} steps (spikes and non-finite values are still captured). "
+            "Raise overhead_budget, or pass every_n_steps for a fixed schedule",
+        )
 
     def _measure(
         self, session: Recorder, step: int, optimizer: Any, scaler: Any, read_flags: bool
