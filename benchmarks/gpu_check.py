@@ -197,7 +197,8 @@ def check_sync(device: str, quick: bool) -> None:
     model, step = _lm(device, quick)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with gradwatch.Monitor(model, every_n_steps=1000) as mon:
+        # signals at every step (no budget stride): every cheap step is checked
+        with gradwatch.Monitor(model, every_n_steps=1000, overhead_budget=None) as mon:
             step(mon)  # step 0: a scheduled capture
             torch.cuda.synchronize()
             try:
@@ -283,7 +284,7 @@ def _check_sync_lightning(device: str, quick: bool) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Strict(every_n_steps=100)],
+        callbacks=[Strict(every_n_steps=100, overhead_budget=None)],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -305,8 +306,12 @@ def check_spike(device: str, quick: bool) -> None:
         model, step = _lm(device, True, lr=0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with gradwatch.Monitor(
-                model, every_n_steps=1000, warmup_steps=3, async_flags=async_flags
+            with gradwatch.Monitor(  # signals at every step: no budget stride
+                model,
+                every_n_steps=1000,
+                overhead_budget=None,
+                warmup_steps=3,
+                async_flags=async_flags,
             ) as mon:
                 for i in range(planted + 4):
                     step(mon, scale=1e4 if i == planted else 1.0)
@@ -373,7 +378,7 @@ def _check_lm_cost(device: str, quick: bool, rounds: int) -> None:
         for _ in range(3):  # warm up the allocator and the kernels
             step()
         off_before = _timed(step, device, rounds)
-        with gradwatch.Monitor(model, every_n_steps=10**9) as mon:
+        with gradwatch.Monitor(model, every_n_steps=10**9, overhead_budget=None) as mon:
             step(mon)  # step 0 is a scheduled capture: the rest are cheap
             cheap = _timed(lambda: step(mon), device, rounds)
         with gradwatch.Monitor(model, every_n_steps=1) as mon:
