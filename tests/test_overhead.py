@@ -180,6 +180,38 @@ def test_every_n_steps_overrides_the_captures_and_the_budget_is_still_measured(c
     assert o.training_s == pytest.approx(119 * TRAIN)
 
 
+def test_hooks_step_work_and_outputs_count_as_gradwatchs_time(clock, monkeypatch, tmp_path):
+    """Each piece of gradwatch's own work is on its clock: the forward hooks (2 ms here),
+    the end-of-backward callback (1 ms), the step's signals (0.5 ms) and the panels written
+    (3 ms); the rest of each interval is training."""
+    from gradwatch._capture.recorder import Recorder
+    from gradwatch._outputs.panels import PanelWriter
+
+    def costing(fn, seconds):
+        def wrapper(*args, **kwargs):
+            clock.advance(seconds)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Recorder, "_on_root_forward", costing(Recorder._on_root_forward, 2e-3))
+    monkeypatch.setattr(Recorder, "_apply_pass", costing(Recorder._apply_pass, 1e-3))
+    monkeypatch.setattr(CheapSignals, "host_signals", costing(CheapSignals.host_signals, 0.5e-3))
+    monkeypatch.setattr(PanelWriter, "write_scalars", costing(PanelWriter.write_scalars, 3e-3))
+    model = nn.GRU(3, 4)
+    mon = gradwatch.Monitor(
+        model, every_n_steps=10**6, overhead_budget=None, log_every_n_steps=2, log_dir=tmp_path
+    )
+    mon._core._set_clock(clock)
+    with mon:
+        _gru_loop(mon, model, clock, 20)  # a capture at step 0 only (every 10**6 steps)
+    o = mon.overhead
+    per_step = 2e-3 + 1e-3 + 0.5e-3
+    assert o.spent_s == pytest.approx(20 * per_step + 10 * 3e-3 + CAPTURE)  # 10 logging steps
+    assert o.training_s == pytest.approx(19 * TRAIN)
+    assert (o.budget, o.captures, o.signal_stride) == (None, 1, 1)
+
+
 def test_expensive_signals_are_computed_on_a_stride(clock, monkeypatch):
     """Signals of 1 ms against a 10 ms step: with a 2% budget (half of it for the signals,
     0.1 ms a step) they are computed about every 10th step; the detector only sees those."""
