@@ -1,13 +1,13 @@
 """The overhead budget: when gradwatch may capture, and how often it computes its signals.
 
 gradwatch keeps its own time within a fraction of the training time (2% by default). Both
-are measured, with the wall clock, by the owner of a `BudgetScheduler` (the monitor core),
-one *interval* per optimizer step, from the end of one step's gradwatch work to the end of
-the next:
+are measured, with the wall clock, by the owner of a `BudgetScheduler` (the monitor core's
+`gradwatch._engine.accounting.BudgetMeter`), one *interval* per optimizer step, from the
+end of one step's gradwatch work to the end of the next:
 
 - ``own``: the time spent inside gradwatch in that interval (its hooks during forward and
   backward, its step work: signals, replay, diagnostics, merging, and what its adapter
-  writes to loggers), measured with ``time.perf_counter`` around each piece of its own work;
+  writes to loggers), measured with ``time.perf_counter_ns`` around each piece of its own work;
 - ``training``: the rest of the interval (data loading, forward, backward, the optimizer,
   the loop's own logging). The first interval after an attach (the start of training, the
   end of a validation loop) has no start and adds no training time.
