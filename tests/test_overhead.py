@@ -391,3 +391,44 @@ def test_auto_figures_are_rendered_less_often_without_tensorboard():
     for step, report in small_reports(range(0, 30, 10)):
         panels.write(step, report)
     assert sorted({s for _, _, s in always.images}) == [0, 10, 20]
+
+
+# ------------------------------------------------------------------------------------ DDP
+def test_ranks_that_measure_differently_decide_alike():
+    """Two ranks' meters (the all_reduce done by hand): they measure different times, yet
+    after agreeing on logging steps they decide the same captures and signal steps."""
+    from gradwatch._engine.accounting import BudgetMeter
+
+    ranks = [BudgetMeter(0.1, None), BudgetMeter(0.1, None)]
+    clocks = [FakeClock(), FakeClock()]
+    for meter, c in zip(ranks, clocks, strict=True):
+        meter.set_distributed(True)
+        meter.clock = c
+    costs = [(10e-3, 0.2e-3, 30e-3), (14e-3, 0.5e-3, 50e-3)]  # train, signals, capture
+    decided: list[list[tuple[bool, bool]]] = [[], []]
+    plan = [(False, True), (False, True)]
+    for step in range(300):
+        for r, (meter, c) in enumerate(zip(ranks, clocks, strict=True)):
+            captured, signals = plan[r]
+            train, signal, capture = costs[r]
+            c.advance(train)
+            meter.add(round((capture if captured else signal if signals else 0.0) * 1e9))
+            c.advance(capture if captured else signal if signals else 0.0)
+            meter.end_step(0, captured=captured, signals=signals, sync=False)
+        if step % 20 == 0:  # a logging step: the ranks' all_reduce
+            summed = [
+                [a + b for a, b in zip(ra, rb, strict=True)]
+                for ra, rb in zip(*(m.local_measurements() for m in ranks), strict=True)
+            ]
+            for meter in ranks:
+                meter.agree(summed)
+        for r, meter in enumerate(ranks):
+            s = meter.scheduler
+            plan[r] = (s.capture_next(step + 1), s.signals_next())
+            decided[r].append(plan[r])
+    assert decided[0] == decided[1]
+    assert any(c for c, _ in decided[0])  # captures were scheduled
+    assert ranks[0].overhead() == ranks[1].overhead()
+    # the agreed account sits between the two ranks' own
+    local = [m._local.overhead().fraction for m in ranks]
+    assert min(local) <= ranks[0].overhead().fraction <= max(local) * 1.2

@@ -103,16 +103,27 @@ class BudgetMeter:
     def _synchronise(self) -> None:
         """Average this rank's measurements with the other ranks' (one small all_reduce) and
         give them to the deciding scheduler."""
+        t = torch.tensor(self.local_measurements(), dtype=torch.float64)
+        t = t.to(_collective_device())
+        torch.distributed.all_reduce(t)
+        self.agree(t.cpu().tolist())
+
+    def local_measurements(self) -> list[list[float]]:
+        """``[values, counts]``: this rank's totals and running averages, each with 1 where
+        it was measured (a sum over ranks of these gives the means)."""
         local = self._local
         assert local is not None
         values, counts = [local.spent, local.training], [1.0, 1.0]
         for v in (local._step, local._capture, local._signal, local._quiet):
             values.append(0.0 if v is None else v)
             counts.append(0.0 if v is None else 1.0)
-        device = _collective_device()
-        t = torch.tensor([values, counts], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        sums, ns = t.cpu().tolist()
+        return [values, counts]
+
+    def agree(self, summed: list[list[float]]) -> None:
+        """Decide from now on from the ranks' summed `local_measurements` (their means)."""
+        local = self._local
+        assert local is not None
+        sums, ns = summed
         mean = [v / n if n > 0 else None for v, n in zip(sums, ns, strict=True)]
         s = self.scheduler
         s.spent, s.training = mean[0] or 0.0, mean[1] or 0.0
