@@ -209,6 +209,11 @@ class Recorder:
         return self._capture
 
     @property
+    def signals(self) -> bool:
+        """Whether the injected norms are computed in this window (`plan`)."""
+        return self._signals
+
+    @property
     def retaining(self) -> bool:
         """Whether fused calls are recorded (to be replayed if `finish` is asked to)."""
         return self._retain
