@@ -194,7 +194,7 @@ class MonitorCore:
         reason = "scheduled" if step % self.every_n_steps == 0 else None
         self._planned = reason or forced
         if self.session is not None:
-            self.session.plan(capture=self._planned is not None, retain=self._sync)
+            self.session.plan(capture=self._planned is not None)
 
     def is_logging_step(self, step: int) -> bool:
         return self.log_every_n_steps is not None and step % self.log_every_n_steps == 0
@@ -230,10 +230,8 @@ class MonitorCore:
 
         reason = self._planned
         now: StepFlags | None = None
-        if self._sync:
+        if self._sync:  # read now (free on the CPU); a spike is captured at the next step
             now = flag.read()
-            if reason is None and session.retaining and (now.spike or now.nonfinite):
-                reason = "nonfinite" if now.nonfinite else "spike"
         elif reason is not None:  # a capture step synchronises anyway
             now = flag.read()
         else:
@@ -263,12 +261,16 @@ class MonitorCore:
             materialised = self.flush_signals()
 
         forced = None
-        if not self._sync and len(self._flags) > 1:  # the previous step's flags, one step late
+        if now is not None and self._sync:
+            old: StepFlags | None = now
+        elif not self._sync and len(self._flags) > 1:  # the previous step's flags, a step late
             old = self._flags.popleft().read()
-            if old.nonfinite:
-                forced = "nonfinite"
-            elif old.spike:
-                forced = "spike"
+        else:
+            old = None
+        if old is not None and old.nonfinite:
+            forced = "nonfinite"
+        elif old is not None and old.spike:
+            forced = "spike"
         self.plan_step(step + 1, forced)
         return StepOutcome(step, report, reason, skipped, changes, materialised, now)
 
