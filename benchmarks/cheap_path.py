@@ -19,7 +19,7 @@ the median over windows of the difference per step, with the range of the middle
 The per-phase rows say where the cost lands (the forward hooks in ``forward``, the
 gradient hooks and end-of-pass callback in ``backward``, signals, detector and
 bookkeeping in ``step``). A second, instrumented pass (not timed as above) splits
-``Monitor.step`` into its parts with ``time.perf_counter_ns`` wrappers.
+``Monitor.step`` and the hooks into their parts with ``time.thread_time_ns`` wrappers.
 
     .venv/bin/python benchmarks/cheap_path.py            # both models
     .venv/bin/python benchmarks/cheap_path.py --quick    # a smoke run (seconds)
@@ -215,10 +215,24 @@ def measure(make: Callable[[], Setup], windows: int, window: int, clock: str) ->
 def _targets() -> list[tuple[Any, str, str]]:
     """``(owner, attribute, label)`` of the parts of a cheap step that are timed; those
     missing in this version of gradwatch are skipped."""
-    from gradwatch._capture import recorder
+    from gradwatch._capture import hooks, recorder
     from gradwatch._engine import detector, monitor, signals
 
-    return [
+    try:
+        from gradwatch._capture import injected
+    except ImportError:  # before the injected-gradient collector
+        injected = None
+    parts = [
+        (hooks.WeakHook, "__call__", "forward hooks"),
+        (recorder.Recorder, "gradient", "recorder.gradient (in backward)"),
+        (recorder.Recorder, "_end_of_backward", "end of backward (recorder)"),
+    ]
+    if injected is not None:
+        parts += [
+            (injected.InjectedGradients, "_arrive", "gradient hooks"),
+            (injected.InjectedGradients, "_completed", "end of backward (injected)"),
+        ]
+    return parts + [
         (signals.CheapSignals, "host_signals", "signals (host)"),
         (signals.CheapSignals, "device_signals", "signals (device)"),
         (detector.SpikeDetector, "update_host", "detector (host)"),
@@ -232,7 +246,7 @@ def _targets() -> list[tuple[Any, str, str]]:
 
 
 def breakdown(make: Callable[[], Setup], steps: int) -> dict[str, float]:
-    """Mean µs per cheap step of each part (perf_counter_ns around each call)."""
+    """Mean µs per cheap step of each part (the thread's CPU time around each call)."""
     totals: dict[str, int] = {}
     originals = []
     for owner, attr, label in _targets():
@@ -242,11 +256,11 @@ def breakdown(make: Callable[[], Setup], steps: int) -> dict[str, float]:
         originals.append((owner, attr, fn))
 
         def timed(*args, _fn=fn, _label=label, **kwargs):
-            t = time.perf_counter_ns()
+            t = time.thread_time_ns()
             try:
                 return _fn(*args, **kwargs)
             finally:
-                totals[_label] = totals.get(_label, 0) + time.perf_counter_ns() - t
+                totals[_label] = totals.get(_label, 0) + time.thread_time_ns() - t
 
         setattr(owner, attr, functools.wraps(fn)(timed))
     try:
