@@ -214,6 +214,8 @@ class MonitorCore:
         weights. ``scaler`` is the run's ``torch.amp.GradScaler``, if any. ``read_flags``
         reads this step's flags on the host even with ``async_flags`` (one device sync; the
         spike capture is still scheduled two steps later): reactive clipping needs them now.
+        Without ``async_flags`` (the CPU) a spike or non-finite value at this step is
+        captured at the next step.
         """
         session = self.session
         if session is None or self.broken is not None:
@@ -230,9 +232,9 @@ class MonitorCore:
 
         reason = self._planned
         now: StepFlags | None = None
-        if self._sync:  # read now (free on the CPU); a spike is captured at the next step
-            now = flag.read()
-        elif reason is not None:  # a capture step synchronises anyway
+        # on the CPU (sync) the flags are read now, for free: a spike is captured at the next
+        # step (cheap steps record nothing to replay); a capture step synchronises anyway
+        if self._sync or reason is not None:
             now = flag.read()
         else:
             self._flags.append(flag)
@@ -260,17 +262,14 @@ class MonitorCore:
         if reason is not None or self.is_logging_step(step) or len(self._pending) > _PENDING_MAX:
             materialised = self.flush_signals()
 
-        forced = None
-        if now is not None and self._sync:
-            old: StepFlags | None = now
-        elif not self._sync and len(self._flags) > 1:  # the previous step's flags, a step late
+        old: StepFlags | None = None  # the flags that may force the next step's capture
+        if self._sync:
+            old = now if reason is None else None  # a captured spike needs no second capture
+        elif len(self._flags) > 1:  # the previous step's flags, read a step late
             old = self._flags.popleft().read()
-        else:
-            old = None
-        if old is not None and old.nonfinite:
-            forced = "nonfinite"
-        elif old is not None and old.spike:
-            forced = "spike"
+        forced = None
+        if old is not None and (old.nonfinite or old.spike):
+            forced = "nonfinite" if old.nonfinite else "spike"
         self.plan_step(step + 1, forced)
         return StepOutcome(step, report, reason, skipped, changes, materialised, now)
 
