@@ -539,4 +539,3 @@ def _renamed(result: Any, name: str) -> Any:
     if getattr(result, "name", name) == name or not dataclasses.is_dataclass(result):
         return result
     return dataclasses.replace(result, name=name)
-
