@@ -93,6 +93,7 @@ class Recorder:
         self._root_handle: Any = None
         self._attached = False
         self._capture = self._retain = not windowed
+        self._signals = True
         self._forward_index = 0
         self._microbatch = 0
         self._queued: set[int] = set()  # passes whose end-of-pass callback is queued
@@ -201,10 +202,13 @@ class Recorder:
         for h in self._handles.pop(name, []):
             h.remove()
 
-    def plan(self, *, capture: bool, retain: bool = False) -> None:
-        """Set what the next window records (windowed use, see the module docstring)."""
+    def plan(self, *, capture: bool, retain: bool = False, signals: bool = True) -> None:
+        """Set what the next window records (windowed use, see the module docstring).
+        ``signals=False`` (a step whose cheap signals are not computed): a call that is not
+        recorded is not hooked either."""
         self._capture = bool(capture)
         self._retain = bool(capture or retain)
+        self._signals = bool(signals)
         if self._attached:
             self._hook_root(self._retain)
 
@@ -212,6 +216,12 @@ class Recorder:
     def capturing(self) -> bool:
         """Whether calls and steps are recorded for a capture."""
         return self._capture
+
+    @property
+    def signaling(self) -> bool:
+        """Whether the gradients injected into the modules' outputs are kept (for the cheap
+        signals) in this window."""
+        return self._signals
 
     @property
     def retaining(self) -> bool:

@@ -107,6 +107,8 @@ class FusedFamily(Family):
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_call(self, recorder: Recorder, name: str, module: nn.Module, args, kwargs, output):
+        if not recorder.retaining and not recorder.signaling:
+            return  # a step without signals: nothing to do
         if name in recorder.disabled or recorder.skip_call(name, module):
             return
         inp = args[0] if args else kwargs.get("input")
