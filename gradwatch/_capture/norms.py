@@ -23,7 +23,7 @@ _F32_RANGE = (1e-10, 1e18)  # where a float32 sum of squares is safe
 
 
 def host_norms(tensors: list[Tensor]) -> list[float]:
-    """The L2 norm of each CPU tensor, as Python floats (one transfer)."""
+    """The L2 norm of each CPU tensor, as Python floats."""
     if not tensors:
         return []
     f64 = [t.dtype == torch.float64 for t in tensors]
@@ -31,7 +31,7 @@ def host_norms(tensors: list[Tensor]) -> list[float]:
         return _host_norms_mixed(tensors, f64)
     low = any(t.dtype != torch.float32 for t in tensors)
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32 if low else None)
-    values = torch.stack(norms).tolist() if len(norms) > 1 else [norms[0].item()]
+    values = [n.item() for n in norms]  # cheaper than stacking them to read them at once
     lo, hi = _F32_RANGE
     for k, v in enumerate(values):
         if not lo <= v <= hi:  # may have overflowed or underflowed: redo in float64
@@ -43,7 +43,7 @@ def _host_norms_mixed(tensors: list[Tensor], f64: list[bool]) -> list[float]:
     """`host_norms` of a list holding float64 tensors (computed in float64) and others."""
     narrow = host_norms([t for t, wide in zip(tensors, f64, strict=True) if not wide])
     wide = torch._foreach_norm([t for t, w in zip(tensors, f64, strict=True) if w])
-    wide_values = torch.stack(wide).tolist()
+    wide_values = [n.item() for n in wide]
     out = []
     for w in f64:
         out.append(wide_values.pop(0) if w else narrow.pop(0))
