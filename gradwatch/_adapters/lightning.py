@@ -110,7 +110,7 @@ class _GradWatch(Watcher):
         figures (bool): Render TensorBoard figures (heatmap, profile, propagation) on captures.
         async_flags (bool | None): Read the spike flag one step late, without stalling the device
             (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``). On the CPU
-            the spike step itself is captured.
+            (flags read at once) it is captured at step ``s + 1``.
 
     All arguments are keyword-only; they make a frozen `gradwatch.WatchOptions`
     (`options`), and each is also a read-only attribute of the same name.
