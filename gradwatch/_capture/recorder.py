@@ -145,6 +145,8 @@ class Recorder:
         """Register the module hooks (idempotent)."""
         if self._attached:
             return
+        # parameters may have been replaced since (a parametrization registered at fit start)
+        self._params[:] = [tuple(m.parameters()) for _, m, _ in self.modules]
         self._hook_root(self._retain)
         for name, module, family in self.modules:
             if name not in self.disabled:
