@@ -237,7 +237,7 @@ def _targets() -> list[tuple[Any, str, str]]:
             (injected.InjectedGradients, "_arrive", "gradient hooks"),
             (injected.InjectedGradients, "_completed", "end of backward (injected)"),
         ]
-    return parts + [
+    parts += [
         (signals.CheapSignals, "host_signals", "signals (host)"),
         (signals.CheapSignals, "device_signals", "signals (device)"),
         (detector.SpikeDetector, "update_host", "detector (host)"),
@@ -248,6 +248,7 @@ def _targets() -> list[tuple[Any, str, str]]:
         (monitor.MonitorCore, "plan_step", "plan_step"),
         (monitor.MonitorCore, "finish_step", "finish_step (all)"),
     ]
+    return parts
 
 
 def breakdown(make: Callable[[], Setup], steps: int) -> dict[str, float]:

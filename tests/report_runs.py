@@ -6,8 +6,7 @@
   clipping at a tiny threshold (every step is clipped), a logger with a prefix.
 - ``monitor``: a ``nn.GRU`` trained in a plain loop with ``Monitor`` and ``PanelWriter``
   around a ``SummaryWriter``; a scheduled capture step gets a NaN loss (a non-finite
-  capture), the run recovers after it (the next step, captured because of the non-finite
-  value, is healthy).
+  capture), the run recovers after it (the next scheduled capture is healthy).
 
 Each returns the in-memory reports the monitor produced, the independent truth the tests
 compare the report's reading with.

@@ -98,7 +98,8 @@ def test_findings_of_the_three_runs(runs, root, capsys):
     assert healthy["run"].endswith("[lstm]")  # the logger's prefix names the run
     assert healthy["clipped_steps"] == list(range(8))  # max_norm=1e-6 clips every step
     mon = by_dir(body, runs["monitor"].logdir)["modules"][0]
-    assert mon["first_problem"] == {"nonfinite": 2} and mon["recovered"] == [3]
+    # the non-finite step was a scheduled capture: no extra capture after it
+    assert mon["first_problem"] == {"nonfinite": 2} and mon["recovered"] == [4]
     assert (
         mon["first_nonfinite"]["timestep"]
         == runs["monitor"].reports[2]["GRU"].nonfinite_at.timestep
