@@ -145,10 +145,16 @@ class _GradWatch(Watcher):
     @override
     def state_key(self) -> str:
         # What decides which modules are watched and how: two callbacks that differ in it keep
-        # separate checkpoint states (Lightning's own callbacks do the same).
+        # separate checkpoint states (Lightning's own callbacks do the same). Lightning reads
+        # it at every hook call of every batch: computed once (the options are frozen).
+        cached = self.__dict__.get("_state_key")
+        if cached is not None and cached[0] is self._options:
+            return cached[1]
         plain = self._options.to_plain()
         keys = ("every_n_steps", "include", "exclude", "clip")
-        return self._generate_state_key(**{k: plain[k] for k in keys})
+        key = self._generate_state_key(**{k: plain[k] for k in keys})
+        self.__dict__["_state_key"] = (self._options, key)
+        return key
 
     # -- per-fit state: bound to this fit's Trainer, released at teardown ------------------
     @override
