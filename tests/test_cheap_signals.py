@@ -199,3 +199,23 @@ def test_norm_helpers_keep_float64_and_read_nothing_on_the_device():
     assert norms.tolist() == pytest.approx([float(t.double().norm()) for t in (a, b, c)], 1e-6)
     # a huge finite gradient: float32 squares overflow, the norm does not
     assert host_norms([torch.full((10,), 1e30)])[0] == pytest.approx(1e30 * math.sqrt(10))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_calls_count_once_on_cheap_steps(reentrant):
+    """Under activation checkpointing the forward runs again in backward: the injected
+    gradient is counted once, equal to the loss's gradient at the output."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    rnn = nn.LSTM(4, 8)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    w = torch.randn(5, 3, 8)
+    with gradwatch.Monitor(rnn, every_n_steps=1000, log_every_n_steps=1) as mon:
+        mon.step()
+        out = checkpoint(lambda t: rnn(t)[0], x, use_reentrant=reentrant)
+        (out * w).sum().backward()
+        mon.step()
+    s = mon.signals[-1]
+    assert s.injected["LSTM"] == pytest.approx(float(w.double().norm()), rel=1e-6)
+    assert s.grad_norm["LSTM"] == pytest.approx(_norm64(p.grad for p in rnn.parameters()))
