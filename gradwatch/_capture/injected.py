@@ -1,9 +1,9 @@
 """The gradient injected into each watched module's outputs, gathered at almost no cost.
 
 Between captures this is all a recorder does for a fused module: at each call, one autograd
-pre-hook per distinct node that produced the call's outputs (one for all of them when a
-kernel returns them together, as cuDNN does; on the CPU the LSTM's output, ``h_n`` and
-``c_n`` come from three nodes); the hook keeps a reference to the gradient, nothing more.
+pre-hook per distinct node that produced the call's outputs (outputs of one node share it;
+on the CPU an LSTM's output, ``h_n`` and ``c_n`` come from three nodes); the hook keeps a
+reference to the gradient, nothing more.
 When the pass completes (an end-of-pass callback, queued once per pass) its gradients join
 the window's; an aborted pass never completes and its gradients are dropped, and a pass
 that trains nothing (``torch.autograd.grad``) is not counted. The norms are computed once,
