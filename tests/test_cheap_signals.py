@@ -108,9 +108,12 @@ def test_passes_that_do_not_train_or_abort_are_not_counted_on_cheap_steps():
         with pytest.raises(FloatingPointError):
             aborted.backward(retain_graph=True)
         model.zero_grad()
+        session = mon._core.session
+        assert len(session.injected._pending) == 1  # the aborted pass never completed
         out2, _ = model.rnn(model.emb(x))
         (out2 * w).sum().backward()
         mon.step()
+        assert session.injected._pending == {}  # dropped at the end of the step: no leak
     assert mon.signals[-1].injected["rnn"] == pytest.approx(float(w.double().norm()), rel=1e-6)
 
 

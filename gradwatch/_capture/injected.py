@@ -152,9 +152,13 @@ class InjectedGradients:
         return out
 
     def clear(self) -> None:
-        """Drop everything (closing)."""
-        self._pending.clear()
-        self._reset()
+        """Drop everything: at the end of a window (what was not taken belongs to it, and the
+        gradients of a pass that never completed, aborted by an exception, are dropped
+        here), and when closing."""
+        if self._pending:
+            self._pending.clear()
+        if self._grads or self._folded.count(None) != self.size:
+            self._reset()
 
 
 def _prehook(arrive: Callable[[int, Tensor | None], None], index: int, slots: list[int]):

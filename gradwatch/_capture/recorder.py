@@ -196,7 +196,6 @@ class Recorder:
         """Remove every hook and release every recorded tensor."""
         self.detach()
         self.release()
-        self.injected.clear()
 
     def disable(self, name: str, reason: str) -> None:
         """Stop watching one module (or marked-state name) for good."""
@@ -518,6 +517,7 @@ class Recorder:
 
     def release(self) -> None:
         """Release every record (hooks and tensors) and start a new window."""
+        self.injected.clear()
         if self._window_used():
             for record, _ in self._records:
                 record.release()
