@@ -197,17 +197,19 @@ def test_merge_keeps_nonfinite_and_worst_diagnostics():
     assert merged.valid_samples.tolist() == [4, 4, 4, 4]
 
 
-def test_spike_is_captured_at_the_same_step_on_cpu():
+def test_spike_is_flagged_at_once_and_captured_at_the_next_step_on_cpu():
     torch.manual_seed(0)
     model = LM()
     with gradwatch.Monitor(model, every_n_steps=1000, overhead_budget=None, warmup_steps=3) as mon:
-        _train(model, mon, steps=8, lr=0.0, scales={6: 1e4})
-    assert list(mon.reports) == [0, 6]
+        _train(model, mon, steps=9, lr=0.0, scales={6: 1e4})
+    # cheap steps record nothing: the flag read at step 6 plans the capture of step 7
+    assert list(mon.reports) == [0, 7]
     s = {x.step: x for x in mon.signals}
-    assert s[6].spike and s[6].captured == "spike"
+    assert s[6].spike and s[6].captured is None
+    assert s[7].captured == "spike"
     assert not any(s[i].spike for i in range(6))
     # the spike does not poison the running level: step 7 (normal again) is no spike
-    assert not s[7].spike
+    assert not s[7].spike and not s[8].spike and s[8].captured is None
 
 
 def test_spike_with_async_flags_is_captured_two_steps_later():
@@ -226,11 +228,14 @@ def test_nonfinite_gradient_is_captured_and_flagged():
     model = LM(nn.GRU)
     with gradwatch.Monitor(model, every_n_steps=1000, overhead_budget=None) as mon:
         _train(model, mon, steps=4, lr=0.0, scales={2: float("nan")})
-    assert list(mon.reports)[:2] == [0, 2]  # (lr=0 still turns the weights to NaN after it)
-    assert mon.reports[2]["rnn"].verdict == "nonfinite"
+    # flagged at step 2, captured at step 3 (lr=0 with momentum still turns the weights to
+    # NaN after step 2, so step 3 is non-finite too)
+    assert list(mon.reports) == [0, 3]
+    assert mon.reports[3]["rnn"].verdict == "nonfinite"
     assert mon.verdicts["rnn"] == "nonfinite"
     s = {x.step: x for x in mon.signals}
-    assert s[2].nonfinite and s[2].captured == "nonfinite" and not s[2].skipped
+    assert s[2].nonfinite and s[2].captured is None and not s[2].skipped
+    assert s[3].captured == "nonfinite"
 
 
 def test_internal_error_disables_only_that_module(monkeypatch):
@@ -422,12 +427,12 @@ def test_host_and_device_detectors_take_the_same_decisions(amp):
 
 def test_cpu_parameter_norm_survives_float32_overflow_and_underflow():
     """CPU norms are accumulated in float32 and redone in float64 out of float32's range."""
-    from gradwatch._engine.signals import _host_norms
+    from gradwatch._capture.norms import host_norms
 
     g = torch.full((1000,), 1e20)
     tiny = torch.full((1000,), 1e-25)
     normal = torch.randn(1000)
-    got = _host_norms([g, tiny, normal, normal.double()])
+    got = host_norms([g, tiny, normal, normal.double()])
     want = [float(torch.linalg.vector_norm(t, dtype=torch.float64)) for t in (g, tiny, normal)]
     assert got[:3] == pytest.approx(want, rel=1e-6)
     assert got[3] == float(torch.linalg.vector_norm(normal.double()))

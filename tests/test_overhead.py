@@ -161,12 +161,14 @@ def test_a_forced_capture_happens_at_once_and_is_paid_from_the_budget(clock):
     mon, model = _monitor(clock, overhead_budget=BUDGET)
     with mon:
         _gru_loop(mon, model, clock, 200, nan_steps={20})
-    # the non-finite step is captured at once, and its 45 ms are spent: the capture the
-    # budget would have scheduled at 58 waits until 90 ms are affordable (129), as if the
-    # forced one had been the first scheduled one
-    assert list(mon.reports) == [20, 129, 193]
-    assert mon.reports[20]["GRU"].verdict == "nonfinite"
-    assert {s.step: s.captured for s in mon.signals}[20] == "nonfinite"
+    # the non-finite step is flagged at once and the next step captured (on the CPU cheap
+    # steps record nothing to replay), and its 45 ms are spent: the capture the budget
+    # would have scheduled at 58 waits until 90 ms are affordable (129), as if the forced
+    # one had been the first scheduled one
+    assert list(mon.reports) == [21, 129, 193]
+    signals = {s.step: s for s in mon.signals}
+    assert signals[20].nonfinite and signals[20].captured is None
+    assert signals[21].captured == "nonfinite"
     assert mon.overhead.captures == 3
 
 
@@ -181,10 +183,11 @@ def test_every_n_steps_overrides_the_captures_and_the_budget_is_still_measured(c
 
 
 def test_hooks_step_work_and_outputs_count_as_gradwatchs_time(clock, monkeypatch, tmp_path):
-    """Each piece of gradwatch's own work is on its clock: the forward hooks (2 ms here),
-    the end-of-backward callback (1 ms), the step's signals (0.5 ms) and the panels written
-    (3 ms); the rest of each interval is training."""
-    from gradwatch._capture.recorder import Recorder
+    """Each piece of gradwatch's own work is on its clock: the forward hook (2 ms here),
+    the gradient hook (1 ms; the GRU's outputs share one node), the step's signals
+    (0.5 ms) and the panels written (3 ms); the rest of each interval is training."""
+    from gradwatch._capture.families.fused import FusedFamily
+    from gradwatch._capture.injected import InjectedGradients
     from gradwatch._outputs.panels import PanelWriter
 
     def costing(fn, seconds):
@@ -194,8 +197,8 @@ def test_hooks_step_work_and_outputs_count_as_gradwatchs_time(clock, monkeypatch
 
         return wrapper
 
-    monkeypatch.setattr(Recorder, "_on_root_forward", costing(Recorder._on_root_forward, 2e-3))
-    monkeypatch.setattr(Recorder, "_apply_pass", costing(Recorder._apply_pass, 1e-3))
+    monkeypatch.setattr(FusedFamily, "_on_call", costing(FusedFamily._on_call, 2e-3))
+    monkeypatch.setattr(InjectedGradients, "_keep", costing(InjectedGradients._keep, 1e-3))
     monkeypatch.setattr(CheapSignals, "host_signals", costing(CheapSignals.host_signals, 0.5e-3))
     monkeypatch.setattr(PanelWriter, "write_scalars", costing(PanelWriter.write_scalars, 3e-3))
     model = nn.GRU(3, 4)
@@ -206,8 +209,10 @@ def test_hooks_step_work_and_outputs_count_as_gradwatchs_time(clock, monkeypatch
     with mon:
         _gru_loop(mon, model, clock, 20)  # a capture at step 0 only (every 10**6 steps)
     o = mon.overhead
-    per_step = 2e-3 + 1e-3 + 0.5e-3
-    assert o.spent_s == pytest.approx(20 * per_step + 10 * 3e-3 + CAPTURE)  # 10 logging steps
+    per_step = 2e-3 + 0.5e-3
+    light_hooks = 19 * 1e-3  # step 0, captured, takes its gradient through its recorded call
+    # 10 logging steps
+    assert o.spent_s == pytest.approx(20 * per_step + light_hooks + 10 * 3e-3 + CAPTURE)
     assert o.training_s == pytest.approx(19 * TRAIN)
     assert (o.budget, o.captures, o.signal_stride) == (None, 1, 1)
 

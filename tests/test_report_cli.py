@@ -87,7 +87,7 @@ def test_json_matches_the_in_memory_reports(runs, root, capsys, which):
 
 def test_findings_of_the_three_runs(runs, root, capsys):
     """The point of each run: vanishing from the start with a small recurrent weight as the
-    cause, a healthy clipped LSTM, a GRU that went non-finite at step 3 and recovered."""
+    cause, a healthy clipped LSTM, a GRU that went non-finite at step 2 and recovered."""
     _, out, _ = run_cli(capsys, root, "--json")
     body = json.loads(out)
     van = by_dir(body, runs["vanishing"].logdir)["modules"][0]
@@ -98,10 +98,11 @@ def test_findings_of_the_three_runs(runs, root, capsys):
     assert healthy["run"].endswith("[lstm]")  # the logger's prefix names the run
     assert healthy["clipped_steps"] == list(range(8))  # max_norm=1e-6 clips every step
     mon = by_dir(body, runs["monitor"].logdir)["modules"][0]
-    assert mon["first_problem"] == {"nonfinite": 3} and mon["recovered"] == [4]
+    # the non-finite step was a scheduled capture: no extra capture after it
+    assert mon["first_problem"] == {"nonfinite": 2} and mon["recovered"] == [4]
     assert (
         mon["first_nonfinite"]["timestep"]
-        == runs["monitor"].reports[3]["GRU"].nonfinite_at.timestep
+        == runs["monitor"].reports[2]["GRU"].nonfinite_at.timestep
     )
 
 
@@ -114,7 +115,7 @@ def test_table_is_aligned_and_names_the_findings(runs, root, capsys):
     assert lines[header + 2][col:].startswith("vanishing")  # value under its heading
     assert set(lines[header + 1].strip()) == {"-", " "}
     assert "small_recurrent_weight" in lines[header + 2]
-    assert "first non-finite gradient of GRU: GRU layer 0 direction 0 timestep 59, at step 3" in out
+    assert "first non-finite gradient of GRU: GRU layer 0 direction 0 timestep 59, at step 2" in out
     assert "clipped: 8 steps" in out
 
 

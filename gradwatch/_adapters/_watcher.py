@@ -181,6 +181,8 @@ class Watcher:
 
     def _publish(self, out: StepOutcome, event: ClipEvent | None) -> None:
         """Verdict changes as warnings; scalars, figures and profiles to the panels."""
+        if event is None and out.report is None and not out.changes and not out.signals:
+            return  # a cheap step between logging steps: nothing to say
         for change in out.changes:
             self._core.warn(_change_message(change))
         if self._writer is None:

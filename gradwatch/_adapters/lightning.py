@@ -122,7 +122,7 @@ class _GradWatch(Watcher):
             ``True``: at every capture; ``False``: never.
         async_flags (bool | None): Read the spike flag one step late, without stalling the device
             (default: on CUDA; a spike at step ``s`` is then captured at step ``s + 2``). On the CPU
-            the spike step itself is captured.
+            (flags read at once) it is captured at step ``s + 1``.
 
     All arguments are keyword-only; they make a frozen `gradwatch.WatchOptions`
     (`options`), and each is also a read-only attribute of the same name.
@@ -158,10 +158,16 @@ class _GradWatch(Watcher):
     @override
     def state_key(self) -> str:
         # What decides which modules are watched and how: two callbacks that differ in it keep
-        # separate checkpoint states (Lightning's own callbacks do the same).
+        # separate checkpoint states (Lightning's own callbacks do the same). Lightning reads
+        # it at every hook call of every batch: computed once (the options are frozen).
+        cached = self.__dict__.get("_state_key")
+        if cached is not None and cached[0] is self._options:
+            return cached[1]
         plain = self._options.to_plain()
         keys = ("every_n_steps", "include", "exclude", "clip")
-        return self._generate_state_key(**{k: plain[k] for k in keys})
+        key = self._generate_state_key(**{k: plain[k] for k in keys})
+        self.__dict__["_state_key"] = (self._options, key)
+        return key
 
     # -- per-fit state: bound to this fit's Trainer, released at teardown ------------------
     @override

@@ -92,7 +92,7 @@ class Monitor(Watcher):
             data), every fifth capture's otherwise; ``True`` at every capture; ``False`` never.
         async_flags (bool | None): Read the spike flag one step late without stalling the device
             (default: on CUDA). A spike at step ``s`` is then captured at step ``s + 2``; on the CPU
-            it is captured at step ``s`` itself.
+            (flags read at once) at step ``s + 1``.
 
     The options are keyword-only and the same as `GradWatch`'s; they make a frozen
     `gradwatch.WatchOptions` (`options`), and each is a read-only attribute.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,12 +46,16 @@ class Pass:
     create_graph: bool
 
 
-def _will_accumulate(p: Tensor) -> bool:
-    """Whether ``p``'s gradient accumulator runs in the current pass."""
+def _accumulator(p: Tensor) -> Any:
+    """``p``'s gradient accumulator node (``None`` for a non-leaf or a frozen tensor)."""
     if not p.requires_grad or p.grad_fn is not None:
-        return False
+        return None
     with torch.enable_grad():
-        node = p.view_as(p).grad_fn.next_functions[0][0]
+        return p.view_as(p).grad_fn.next_functions[0][0]
+
+
+def _will_execute(node: Any) -> bool:
+    """Whether ``node`` runs in the current pass."""
     if node is None:
         return False
     try:
@@ -59,12 +64,21 @@ def _will_accumulate(p: Tensor) -> bool:
         return False
 
 
+def _will_accumulate(p: Tensor) -> bool:
+    """Whether ``p``'s gradient accumulator runs in the current pass."""
+    return _will_execute(_accumulator(p))
+
+
 class PassClassifier:
     """Classifies the running pass once per pass (cached by pass id)."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = weakref.ref(model)
         self._cache: dict[int, Pass] = {}
+        # the accumulator of each `first` parameter, by id, with the parameter: held like
+        # DDP holds them (the parameter keeps using this node), so that classifying a pass
+        # costs one call instead of building a view of a parameter
+        self._accumulators: dict[int, tuple[Tensor, Any]] = {}
 
     def current(self, first: Iterable[Tensor] = ()) -> Pass:
         """The running pass; ``first``: parameters likely to be in it (checked first)."""
@@ -84,10 +98,21 @@ class PassClassifier:
         seen: set[int] = set()
         for p in first:  # usually decides at the first parameter
             seen.add(id(p))
-            if _will_accumulate(p):
+            if _will_execute(self._accumulator_of(p)):
                 return True
         model = self._model()
         params = [] if model is None else [p for p in model.parameters() if p.requires_grad]
         if not params:  # nothing to train: every pass describes the model's gradients
             return True
         return any(_will_accumulate(p) for p in params if id(p) not in seen)
+
+    def _accumulator_of(self, p: Tensor) -> Any:
+        held = self._accumulators.get(id(p))
+        if held is not None and held[0] is p and p.requires_grad:
+            return held[1]
+        node = _accumulator(p)
+        if node is not None:
+            if len(self._accumulators) > 256:  # parameters replaced many times: start over
+                self._accumulators.clear()
+            self._accumulators[id(p)] = (p, node)
+        return node

@@ -11,20 +11,19 @@ capture never diagnoses). Two ways to drive it:
 - *per window* (``windowed=True``, what the monitor uses): one window per optimizer step.
   The owner sets a plan per window (`plan`): with ``capture`` every call and step is
   recorded; with only ``retain`` fused calls are recorded (for a capture decided at the end
-  of the step) and cells and marks left alone; with neither, the hooks on fused outputs only
-  accumulate the norm of the gradient injected into each module (`take_injected`). `finish`
-  captures and consumes the window. Calls are keyed per micro-batch (the first call after a
-  completed backward starts a new one), so the k-th call of a module has the same key in
-  every micro-batch of a window.
+  of the step) and cells and marks left alone; with neither (the cheap steps), the hooks on
+  fused outputs only keep the gradients injected into each module
+  (`gradwatch._capture.injected`, `take_injected`) and the model's root is not hooked.
+  `finish` captures and consumes the window. Calls are keyed per micro-batch (the first call
+  after a completed backward starts a new one), so the k-th call of a module has the same
+  key in every micro-batch of a window.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from math import hypot
 from typing import Any
 
 import torch
@@ -33,7 +32,9 @@ from torch.autograd import Variable
 
 from gradwatch._capture.families import Family, Record
 from gradwatch._capture.hooks import WeakHook, active_here, attach_here, detach_here
+from gradwatch._capture.injected import InjectedGradients, InjectedGrads
 from gradwatch._capture.oom import is_out_of_memory
+from gradwatch._capture.own_time import OwnTime
 from gradwatch._capture.passes import PassClassifier, in_backward
 from gradwatch._capture.raw import RawCapture
 from gradwatch._capture.steps import StepSequence
@@ -93,7 +94,7 @@ class Recorder:
         self._root_handle: Any = None
         self._attached = False
         self._capture = self._retain = not windowed
-        self._injected: list[Tensor | float | None] = [None] * len(self.names)
+        self._signals = True
         self._forward_index = 0
         self._microbatch = 0
         self._queued: set[int] = set()  # passes whose end-of-pass callback is queued
@@ -101,9 +102,13 @@ class Recorder:
         self._mark_stack: Any = None
         # The time spent in the hooks (ns), for the monitor's overhead budget: every hook
         # body adds to it, read and reset by the owner. ``clock`` is replaceable in tests.
-        self.own_ns = 0
-        self.clock: Callable[[], int] = time.perf_counter_ns
+        self.own_time = OwnTime()
         self._signals = True
+        # parameters of each watched module, checked first when a pass is classified
+        self._params = [tuple(m.parameters()) for _, m, _ in self.modules]
+        self.injected = InjectedGradients(
+            len(self.names), self._passes, self._params, self._fail_index, self.own_time
+        )
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -145,10 +150,9 @@ class Recorder:
         """Register the module hooks (idempotent)."""
         if self._attached:
             return
-        if not isinstance(self.model, nn.RNNCellBase):  # a cell as root: each call is a step
-            self._root_handle = self.forward_pre_hook(
-                self.model, Recorder._on_root_forward, with_kwargs=False
-            )
+        # parameters may have been replaced since (a parametrization registered at fit start)
+        self._params[:] = [tuple(m.parameters()) for _, m, _ in self.modules]
+        self._hook_root(self._retain)
         for name, module, family in self.modules:
             if name not in self.disabled:
                 self._handles[name] = family.hook(self, name, module)
@@ -170,15 +174,25 @@ class Recorder:
         hook = WeakHook(self, module, fn, *bound)
         return module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
 
+    def _hook_root(self, on: bool) -> None:
+        """The root's forward pre-hook, which counts forward passes (a sequence does not span
+        two): only while calls are recorded, so a cheap step does not pay for it."""
+        if on and self._root_handle is None:
+            if not isinstance(self.model, nn.RNNCellBase):  # a cell as root: each call is a step
+                self._root_handle = self.forward_pre_hook(
+                    self.model, Recorder._on_root_forward, with_kwargs=False
+                )
+        elif not on and self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None
+
     def detach(self) -> None:
         """Remove the module hooks; what was recorded is kept."""
         for hs in self._handles.values():
             for h in hs:
                 h.remove()
         self._handles.clear()
-        if self._root_handle is not None:
-            self._root_handle.remove()
-            self._root_handle = None
+        self._hook_root(False)
         detach_here(self, self._mark_stack)
         self._mark_stack = None
         self._attached = False
@@ -187,7 +201,6 @@ class Recorder:
         """Remove every hook and release every recorded tensor."""
         self.detach()
         self.release()
-        self._injected = [None] * len(self.names)
 
     def disable(self, name: str, reason: str) -> None:
         """Stop watching one module (or marked-state name) for good."""
@@ -196,12 +209,32 @@ class Recorder:
             h.remove()
 
     def plan(self, *, capture: bool, retain: bool = False, signals: bool = True) -> None:
-        """Set what the next window records (windowed use, see the module docstring);
-        without ``signals`` the injected norms are not computed (`take_injected` reads
-        ``None``)."""
+        """Set what the next window records (windowed use, see the module docstring).
+        ``signals=False`` (a step whose cheap signals are not computed): a call that is not
+        recorded is not hooked either."""
         self._capture = bool(capture)
         self._retain = bool(capture or retain)
         self._signals = bool(signals)
+        if self._attached:
+            self._hook_root(self._retain)
+
+    @property
+    def own_ns(self) -> int:
+        """Nanoseconds spent in the hooks since the owner last reset it (to 0)."""
+        return self.own_time.ns
+
+    @own_ns.setter
+    def own_ns(self, value: int) -> None:
+        self.own_time.ns = value
+
+    @property
+    def clock(self) -> Callable[[], int]:
+        """The clock the hooks are timed with (the overhead budget's)."""
+        return self.own_time.clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], int]) -> None:
+        self.own_time.clock = clock
 
     @property
     def capturing(self) -> bool:
@@ -309,20 +342,21 @@ class Recorder:
         self.gradient(record, lambda: None)
 
     def add_injected(self, module_name: str, grad: Tensor) -> None:
-        """Add a gradient at a module's outputs to its injected norm (windowed use only)."""
+        """Count a gradient of a completed pass at a module's outputs in its injected norm
+        (windowed use only; kept by reference, reduced at the end of the step)."""
         i = self._index.get(module_name)
-        if i is None or not self.windowed or not self._signals:
-            return
-        g = grad.detach()
-        old = self._injected[i]
-        if g.device.type == "cpu" and not isinstance(old, Tensor):
-            v = _host_norm(g)
-            self._injected[i] = v if old is None else hypot(old, v)
-        else:
-            n = torch.linalg.vector_norm(g, dtype=torch.float64)
-            if old is not None and not isinstance(old, Tensor):
-                old = torch.tensor(old, dtype=torch.float64, device=n.device)
-            self._injected[i] = n if old is None else torch.hypot(old, n)
+        if i is not None and self.windowed:
+            self.injected.add(i, grad.detach())
+
+    def watch_outputs(self, module_name: str, outputs: tuple[Tensor | None, ...]) -> None:
+        """A cheap step's call of a watched module: only the gradients reaching its
+        ``outputs`` are kept, for its injected norm (see `gradwatch._capture.injected`)."""
+        i = self._index.get(module_name)
+        if i is not None and self.windowed:
+            self.injected.watch(i, outputs)
+
+    def _fail_index(self, index: int, why: str) -> None:
+        self.fail(self.names[index], why, keep_first=True)
 
     def fail(self, name: str, why: str, *, keep_first: bool = False) -> None:
         """Record why a call (or module) could not be measured."""
@@ -331,12 +365,11 @@ class Recorder:
         else:
             self._failures[name] = why
 
-    def take_injected(self) -> list[Tensor | float | None]:
-        """Per watched module, the L2 norm of every gradient that reached its outputs since
-        the last call; ``None`` where none did. A float64 tensor on the gradients' device
-        (no host synchronisation), or a Python float for gradients on the CPU."""
-        out, self._injected = self._injected, [None] * len(self.names)
-        return out
+    def take_injected(self) -> InjectedGrads:
+        """The gradients that reached each watched module's outputs since the last call
+        (references, and norms of those already reduced; see `InjectedGrads`); their norms
+        are computed by the caller, with the parameter gradients'."""
+        return self.injected.take()
 
     # -- calls during backward (activation checkpointing) -----------------------------------
     def skip_call(self, name: str, module: nn.Module) -> bool:
@@ -491,6 +524,9 @@ class Recorder:
         name (equal keys are calls to merge), and the failures by module name. Everything
         recorded is released.
         """
+        if not self._window_used():  # a cheap step: nothing to capture, nothing to release
+            self.release()
+            return [], {}
         results: list[tuple[str, Any]] = []
         failures: dict[str, str] = {}
         skipped: dict[str, str] = {}
@@ -519,11 +555,32 @@ class Recorder:
 
     def release(self) -> None:
         """Release every record (hooks and tensors) and start a new window."""
-        for record, _ in self._records:
-            record.release()
-        self._reset_window()
+        self.injected.clear()
+        if self._window_used():
+            for record, _ in self._records:
+                record.release()
+            self._reset_window()
+        else:  # a cheap step: nothing was recorded, only the flags to reset
+            self._backward_seen = self._only_untrained = self._boundary = False
+            if self.window_skipped:
+                self.window_skipped = {}
         self._forward_index += 1
         self._microbatch += 1
+
+    def _window_used(self) -> bool:
+        """Whether anything was recorded (or failed) in this window."""
+        return bool(
+            self._records
+            or self._failures
+            or self.skipped
+            or self._results
+            or self._pending
+            or self._ghosts
+            or self._name_counts
+            or self._reached
+            or self._trained_groups
+            or self._sequences
+        )
 
 
 def _renamed(result: Any, name: str) -> Any:
@@ -532,15 +589,3 @@ def _renamed(result: Any, name: str) -> Any:
     if getattr(result, "name", name) == name or not dataclasses.is_dataclass(result):
         return result
     return dataclasses.replace(result, name=name)
-
-
-def _host_norm(g: Tensor) -> float:
-    """The L2 norm of a CPU tensor as a float. A float32 reduction (4x cheaper than a
-    float64 one on the CPU), redone in float64 when its squares may have overflowed or
-    underflowed (outside [1e-10, 1e18]): reading the value on the CPU costs nothing."""
-    if g.dtype == torch.float64:
-        return float(torch.linalg.vector_norm(g))
-    v = float(torch.linalg.vector_norm(g, dtype=torch.float32))
-    if not 1e-10 <= v <= 1e18:
-        v = float(torch.linalg.vector_norm(g, dtype=torch.float64))
-    return v

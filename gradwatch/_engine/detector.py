@@ -27,13 +27,6 @@ __all__ = ["DeviceFlag", "HostFlag", "SpikeDetector", "StepFlags"]
 EMA_ALPHA = 0.1  # smoothing of the running log10 norm (about 10 steps)
 
 
-def _log10(v: float) -> float:
-    """``torch.log10`` semantics on a Python float: -inf at 0, NaN below."""
-    if v > 0:
-        return math.log10(v)  # inf for inf
-    return -math.inf if v == 0 else math.nan
-
-
 class StepFlags(NamedTuple):
     """The detector's verdict on one optimizer step, read on the host."""
 
@@ -48,6 +41,10 @@ class SpikeDetector:
     def __init__(self, spike_factor: float, warmup_steps: int) -> None:
         self.spike_factor = float(spike_factor)
         self.warmup_steps = warmup_steps
+        # a signal above its level by more than this (in log10) is a spike; inf: never
+        self._log_factor = (
+            math.log10(self.spike_factor) if math.isfinite(self.spike_factor) else math.inf
+        )
         self._ema: Tensor | None = None  # [2, M] float64 running log10 norms (device path)
         self._count: Tensor | None = None  # [2, M] int64 updates so far (device path)
         self._host: tuple[list[list[float]], list[list[int]]] | None = None  # host path
@@ -123,26 +120,29 @@ class SpikeDetector:
             self._host = ([[0.0] * m, [0.0] * m], [[0] * m, [0] * m])
             self._ema = self._count = None
         emas, counts = self._host
-        check = math.isfinite(self.spike_factor)
-        log_factor = math.log10(self.spike_factor) if check else math.inf
+        log_factor = self._log_factor
+        warmup = self.warmup_steps
         spike = nonfinite = False
         # rows: the values of both signals, then their presence counts (see signals.py)
-        for values, present, ema, count in zip(sig[:2], sig[2:], emas, counts, strict=True):
+        for r in (0, 1):
+            values, present, ema, count = sig[r], sig[r + 2], emas[r], counts[r]
             for i in range(m):
-                if not present[i] > 0:
+                c = present[i]
+                if not c > 0:
                     continue
-                value = values[i] / max(present[i], 1.0)
-                if not math.isfinite(value):
+                value = values[i] / c if c > 1.0 else values[i]  # the mean over the ranks
+                if value - value != 0.0:  # inf or NaN (a cheaper math.isfinite)
                     nonfinite = True
                     continue
-                logv = _log10(value)
-                if not math.isfinite(logv):
+                if value <= 0.0:  # log10 would be -inf (or NaN): neither a spike nor an update
                     continue
-                if check and count[i] >= self.warmup_steps and logv > ema[i] + log_factor:
+                logv = math.log10(value)
+                n = count[i]
+                if n >= warmup and logv > ema[i] + log_factor:
                     spike = True
                     continue
-                ema[i] = logv if count[i] == 0 else ema[i] + EMA_ALPHA * (logv - ema[i])
-                count[i] += 1
+                ema[i] = logv if n == 0 else ema[i] + EMA_ALPHA * (logv - ema[i])
+                count[i] = n + 1
         skipped = False
         if amp:  # under a GradScaler, inf/NaN means the scaler skips the step
             skipped = nonfinite or (found_inf is not None and float(found_inf) > 0)

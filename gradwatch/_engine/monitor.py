@@ -236,9 +236,7 @@ class MonitorCore:
         )
         self._signals_planned = signals
         if self.session is not None:
-            self.session.plan(
-                capture=self._planned is not None, retain=self._sync and signals, signals=signals
-            )
+            self.session.plan(capture=self._planned is not None, signals=signals)
 
     def is_logging_step(self, step: int) -> bool:
         return self.log_every_n_steps is not None and step % self.log_every_n_steps == 0
@@ -259,9 +257,11 @@ class MonitorCore:
         weights. ``scaler`` is the run's ``torch.amp.GradScaler``, if any. ``read_flags``
         reads this step's flags on the host even with ``async_flags`` (one device sync; the
         spike capture is still scheduled two steps later): reactive clipping needs them now,
-        so the signals are computed at every step then. With ``end=False`` the caller
-        calls `end_step` after its own work for the step (writing the panels), so that it
-        is measured as gradwatch's time, and the next step is planned then.
+        so the signals are computed at every step then. Without ``async_flags`` (the CPU)
+        a spike or non-finite value at this step is captured at the next step. With
+        ``end=False`` the caller calls `end_step` after its own work for the step (writing
+        the panels), so that it is measured as gradwatch's time, and the next step is
+        planned then.
         """
         session = self.session
         if session is None or self.broken is not None:
@@ -327,13 +327,11 @@ class MonitorCore:
                 flag = DeviceFlag(self.detector.update(sig, scale is not None, found_inf))
 
         now: StepFlags | None = None
+        # on the CPU (sync) the flags are read now, for free: a spike is captured at the next
+        # step (cheap steps record nothing to replay); a capture step synchronises anyway
         if flag is None:  # a step off the signal stride: nothing measured, nothing to read
             pass
-        elif self._sync:
-            now = flag.read()
-            if reason is None and session.retaining and (now.spike or now.nonfinite):
-                reason = "nonfinite" if now.nonfinite else "spike"
-        elif reason is not None:  # a capture step synchronises anyway
+        elif self._sync or reason is not None:
             now = flag.read()
         else:
             self._flags.append(flag)
@@ -362,15 +360,22 @@ class MonitorCore:
         if reason is not None or self.is_logging_step(step) or len(self._pending) > _PENDING_MAX:
             materialised = self.flush_signals()
         self._step_kind = (reason is not None, flag is not None)
-        self._next_forced = self._late_flags(all_of_them=flag is None)
+        self._next_forced = self._late_flags(now, reason, all_of_them=flag is None)
         return StepOutcome(step, report, reason, skipped, changes, materialised, now)
 
-    def _late_flags(self, all_of_them: bool) -> str | None:
-        """With asynchronous flags: the previous signal step's flags, one step late (all
-        pending ones on a step without signals); a capture they force, if any."""
+    def _late_flags(
+        self, now: StepFlags | None, reason: str | None, all_of_them: bool
+    ) -> str | None:
+        """The capture forced on the next step by flags: on the host (sync), this step's
+        (a captured spike needs no second capture); with asynchronous flags, the previous
+        signal step's, one step late (all pending ones on a step without signals)."""
+        if self._sync:
+            if now is None or reason is not None:
+                return None
+            return "nonfinite" if now.nonfinite else "spike" if now.spike else None
         forced = None
         keep = 0 if all_of_them else 1
-        while not self._sync and len(self._flags) > keep:
+        while len(self._flags) > keep:
             old = self._flags.popleft().read()
             if old.nonfinite:
                 forced = "nonfinite"

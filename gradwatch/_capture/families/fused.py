@@ -21,6 +21,7 @@ from gradwatch._capture.fused import (
     output_tensors,
     record_fused_call,
     replay,
+    split_output,
 )
 from gradwatch._capture.raw import RawCapture, Recurrences
 from gradwatch._capture.steps import observe_gradient
@@ -106,18 +107,19 @@ class FusedFamily(Family):
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_call(self, recorder: Recorder, name: str, module: nn.Module, args, kwargs, output):
+        if not recorder.retaining and not recorder.signals:
+            return  # a step without signals: nothing to do
         if name in recorder.disabled or recorder.skip_call(name, module):
             return
-        params = tuple(module.parameters())
         inp = args[0] if args else kwargs.get("input")
-        if not recorder.retaining:  # only the injected norm, for the cheap signals
+        if not recorder.retaining:  # a cheap step: only the injected gradient is kept
             try:
-                for tensor in output_tensors(name, module, inp, output).values():  # type: ignore[arg-type]
-                    hook = partial(self._on_light_grad, recorder, name, params)
-                    observe_gradient(tensor, hook)
+                out, h_n, c_n = split_output(name, module, inp, output)  # type: ignore[arg-type]
+                recorder.watch_outputs(name, (_data(out), h_n, c_n))
             except Exception as e:  # monitoring must never crash training
                 recorder.fail(name, f"could not hook the outputs: {e!r}", keep_first=True)
             return
+        params = tuple(module.parameters())
         try:
             call = record_fused_call("", name, module, args, kwargs, output)  # type: ignore[arg-type]
             if call is None:
@@ -129,15 +131,6 @@ class FusedFamily(Family):
             recorder.add(call, self)
         except Exception as e:  # monitoring must never crash training
             recorder.fail(name, f"could not record the call: {e}")
-
-    @staticmethod
-    def _on_light_grad(recorder: Recorder, name: str, params: tuple, grad: Tensor | None) -> None:
-        if grad is None:
-            return
-        try:
-            recorder.gradient(None, partial(recorder.add_injected, name, grad.detach()), params)
-        except Exception as e:  # monitoring must never crash training
-            recorder.fail(name, f"could not measure a gradient: {e!r}", keep_first=True)
 
     @staticmethod
     def _on_grad(recorder: Recorder, call: FusedCall, slot: str, params: tuple, grad: Any) -> None:
