@@ -12,13 +12,18 @@ that hooks the modules is `gradwatch._capture.families.fused`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from gradwatch._capture.layered import LazyRecurrence, recomputes
 from gradwatch._capture.math_mode import TOLERANCE, MathMode
+from gradwatch._capture.probes import last_steps, unit_probes
+from gradwatch._capture.probes import walk as walk_probes
+from gradwatch._capture.raw import Walkable
 from gradwatch._capture.recurrences import LayerWeights, Recurrence, make_recurrence
 from gradwatch._capture.stats import relative_deviation, sample_norms, sampled_steps, step_mean
 
@@ -325,19 +330,30 @@ def _layer_weights(call: FusedCall, dtype: torch.dtype) -> dict[tuple[int, int],
 class Replay:
     """Everything the replay of one call produced."""
 
-    recurrences: dict[tuple[int, int], Recurrence]  # (layer, direction) -> trajectory
+    recurrences: dict[tuple[int, int], Walkable]  # (layer, direction) -> trajectory
     valid: Tensor | None  # [T, B] mask, None when every sequence covers every step
     lengths: Tensor  # [B]
     stats: dict[str, Tensor]  # total / carried / direct / cell_total: [L, D, T], on device
     grad_input: Tensor | None  # dL/dx of the bottom layer [T, B, I], when asked for
     fidelity: Tensor  # device scalar
     dtype: torch.dtype
+    # (layer, direction) -> log norms [R, T, B] of the unit probes walked back (`.probes`)
+    walked: dict[tuple[int, int], Tensor] = field(default_factory=dict)
 
 
-def replay(call: FusedCall, input_grad: bool = False) -> Replay:
+def replay(
+    call: FusedCall,
+    input_grad: bool = False,
+    probes: bool = False,
+    recompute: bool | None = None,
+) -> Replay:
     """Replay the forward trajectory and the backward walk of one call.
 
     ``input_grad`` also computes dL/dx of the bottom layer (used to validate the replay).
+    ``probes`` also walks unit probes back through every layer (`Replay.walked`, the raw
+    data of the propagation curve): alongside the backward walk, as extra batch slices, or
+    step by step after it for large calls. ``recompute`` holds one layer at a time
+    (`gradwatch._capture.layered`; default: only for large calls).
     The replay computes as the kernel did (`MathMode`): float64 for float64 weights, else
     float32 math on operands rounded to the call's storage dtype (float16 / bfloat16 under
     autocast), with TF32 matrix products where cuDNN was allowed TF32; also when called
@@ -345,17 +361,49 @@ def replay(call: FusedCall, input_grad: bool = False) -> Replay:
     """
     device_type = call.weights[0].device.type if call.weights else "cpu"
     with torch.no_grad(), torch.autocast(device_type, enabled=False), call.mode.context():
-        return _replay(call, input_grad)
+        return _replay(call, input_grad, probes, recompute)
 
 
-def _replay(call: FusedCall, input_grad: bool) -> Replay:
+@dataclass
+class _Setup:
+    """What every layer's replay shares."""
+
+    call: FusedCall
+    lay: _Layout
+    weights: dict[tuple[int, int], LayerWeights]
+    h0: Tensor
+    c0: Tensor | None
+    valid: Tensor | None  # [T, B, 1]
+    num_dir: int
+    out_size: int
+
+    def run_layer(self, layer: int, layer_input: Tensor) -> list[tuple[Recurrence, tuple]]:
+        """Replay one layer forward: per direction, its recurrence and (out, h_n, c_n)."""
+        mod = self.call.module
+        result = []
+        for d in range(self.num_dir):
+            k = layer * self.num_dir + d
+            rec = make_recurrence(mod.mode, self.weights[layer, d], reverse=d == 1)
+            # the top layer's outputs are the call's outputs: visible, so every step can be
+            # computed from the real previous state at once
+            known = None
+            if layer == mod.num_layers - 1:
+                known = self.lay.out[..., d * self.out_size : (d + 1) * self.out_size]
+            cell0 = None if self.c0 is None else self.c0[k]
+            out = rec.forward(layer_input, self.h0[k], cell0, self.valid, known_out=known)
+            result.append((rec, out))
+        return result
+
+
+def _replay(call: FusedCall, input_grad: bool, probes: bool, recompute: bool | None) -> Replay:
     mod = call.module
     dtype = torch.float64 if call.weights[0].dtype == torch.float64 else torch.float32
     lay = _to_layout(call, dtype)
     steps, batch = lay.x.shape[0], lay.x.shape[1]
     num_dir = 2 if mod.bidirectional else 1
     out_size = mod.proj_size if mod.proj_size > 0 else mod.hidden_size
-    weights = _layer_weights(call, dtype)
+    if recompute is None:
+        recompute = recomputes(mod, steps, batch, lay.x.element_size())
 
     # lengths live on the CPU (packed sequences keep them there): no device sync to test them
     device = lay.x.device
@@ -375,26 +423,21 @@ def _replay(call: FusedCall, input_grad: bool) -> Replay:
         h0 = lay.x.new_zeros(mod.num_layers * num_dir, batch, out_size)
     if c0 is None and mod.mode == "LSTM":
         c0 = lay.x.new_zeros(mod.num_layers * num_dir, batch, mod.hidden_size)
+    setup = _Setup(call, lay, _layer_weights(call, dtype), h0, c0, valid, num_dir, out_size)
 
     # Forward replay, bottom-up. Inter-layer dropout is not replayed (its masks are unseen).
-    recs, layer_input, h_n, c_n = {}, lay.x, [], []
+    # With `recompute`, a layer below the top keeps only its outputs here (see `.layered`).
+    recs: dict[tuple[int, int], Walkable] = {}
+    inputs, h_n, c_n = [lay.x], [], []
     for layer in range(mod.num_layers):
-        outs = []
-        for d in range(num_dir):
-            k = layer * num_dir + d
-            rec = make_recurrence(mod.mode, weights[layer, d], reverse=d == 1)
-            # the top layer's outputs are the call's outputs: visible, so every step can be
-            # computed from the real previous state at once
-            known = None
-            if layer == mod.num_layers - 1:
-                known = lay.out[..., d * out_size : (d + 1) * out_size]
-            cell0 = None if c0 is None else c0[k]
-            y, hn, cn = rec.forward(layer_input, h0[k], cell0, valid, known_out=known)
-            recs[layer, d] = rec
-            outs.append(y)
-            h_n.append(hn)
-            c_n.append(cn)
-        layer_input = torch.cat(outs, dim=-1)
+        done = setup.run_layer(layer, inputs[-1])
+        if not recompute or layer == mod.num_layers - 1:
+            recs.update({(layer, d): rec for d, (rec, _) in enumerate(done)})
+        inputs.append(torch.cat([out[0] for _, out in done], dim=-1))
+        h_n.extend(out[1] for _, out in done)
+        c_n.extend(out[2] for _, out in done)
+        del done
+    layer_input = inputs[-1]
 
     # Fidelity on every final state and on up to 32 evenly spaced output steps: a forward that
     # differs from the replay's deviates everywhere, and the full comparison costs as much as
@@ -408,47 +451,101 @@ def _replay(call: FusedCall, input_grad: bool) -> Replay:
         replayed.append(torch.stack(c_n))
         real.append(_real_state(call.c_n, lay, dtype))
     fidelity = relative_deviation(replayed, real)
+    del replayed, h_n, c_n
 
-    # Backward walk, top-down, with the observed output gradients injected.
-    grad_hn = _state(call.grads.get("h_n"), lay.unbatched, dtype)
-    grad_cn = _state(call.grads.get("c_n"), lay.unbatched, dtype)
-    direct = lay.grad_out
-    if direct is None:
-        direct = lay.x.new_zeros(steps, batch, num_dir * out_size)
-    shape = (mod.num_layers, num_dir, steps)
-    total, carried, direct_s = (lay.x.new_zeros(shape, dtype=torch.float32) for _ in range(3))
-    cell_total = lay.x.new_zeros(shape, dtype=torch.float32) if mod.mode == "LSTM" else None
-    for layer in reversed(range(mod.num_layers)):
-        grad_below = None
-        for d in range(num_dir):
-            k = layer * num_dir + d
-            res = recs[layer, d].backward(
-                direct[..., d * out_size : (d + 1) * out_size],
-                None if grad_hn is None else grad_hn[k],
-                None if grad_cn is None else grad_cn[k],
-                last[d],
-                valid,
-                input_grad=layer > 0 or input_grad,
-            )
-            total[layer, d] = step_mean(sample_norms(res.total_h), valid2)
-            direct_s[layer, d] = step_mean(sample_norms(res.direct_h), valid2)
-            carry = sample_norms(res.carried_h)
-            if res.carried_c is not None:
-                carry = torch.hypot(carry, sample_norms(res.carried_c))
-            carried[layer, d] = step_mean(carry, valid2)
-            if cell_total is not None and res.total_c is not None:
-                cell_total[layer, d] = step_mean(sample_norms(res.total_c), valid2)
-            if res.grad_input is not None:
-                gi = res.grad_input
-                grad_below = gi if grad_below is None else grad_below + gi
-        direct = grad_below
-
-    stats = {"total": total, "carried": carried, "direct": direct_s}
-    if cell_total is not None:
-        stats["cell_total"] = cell_total
+    walk = _Walk(setup, inputs, recs, valid2, lengths, last, probes, recompute)
+    grad_below = walk.run(input_grad)
     if grad_below is not None and lay.unbatched:
         grad_below = grad_below.squeeze(1)
-    return Replay(recs, valid2, lengths, stats, grad_below, fidelity, dtype)
+    return Replay(recs, valid2, lengths, walk.stats, grad_below, fidelity, dtype, walk.walked)
+
+
+class _Walk:
+    """The backward walk, top-down, with the observed output gradients injected."""
+
+    def __init__(self, setup, inputs, recs, valid2, lengths, last, probes, recompute) -> None:
+        self.setup, self.inputs, self.recs = setup, inputs, recs
+        self.valid2, self.lengths, self.last = valid2, lengths, last
+        self.probes, self.recompute = probes, recompute
+        mod, lay = setup.call.module, setup.lay
+        shape = (mod.num_layers, setup.num_dir, lay.x.shape[0])
+        new = lay.x.new_zeros
+        self.stats = {k: new(shape, dtype=torch.float32) for k in ("total", "carried", "direct")}
+        if mod.mode == "LSTM":
+            self.stats["cell_total"] = new(shape, dtype=torch.float32)
+        self.walked: dict[tuple[int, int], Tensor] = {}
+
+    def run(self, input_grad: bool) -> Tensor | None:
+        setup, call = self.setup, self.setup.call
+        mod, lay = call.module, setup.lay
+        dtype = lay.x.dtype
+        grad_hn = _state(call.grads.get("h_n"), lay.unbatched, dtype)
+        grad_cn = _state(call.grads.get("c_n"), lay.unbatched, dtype)
+        direct = lay.grad_out
+        if direct is None:
+            direct = lay.x.new_zeros(*lay.x.shape[:2], setup.num_dir * setup.out_size)
+        grad_below = None
+        for layer in reversed(range(mod.num_layers)):
+            if (layer, 0) not in self.recs:  # replayed again, as in the first pass
+                done = setup.run_layer(layer, self.inputs[layer])
+                self.recs.update({(layer, d): rec for d, (rec, _) in enumerate(done)})
+                del done
+            grad_below = None
+            for d in range(setup.num_dir):
+                k = layer * setup.num_dir + d
+                gi = self._layer(
+                    layer,
+                    d,
+                    direct[..., d * setup.out_size : (d + 1) * setup.out_size],
+                    None if grad_hn is None else grad_hn[k],
+                    None if grad_cn is None else grad_cn[k],
+                    layer > 0 or input_grad,
+                )
+                if gi is not None:
+                    grad_below = gi if grad_below is None else grad_below + gi
+            direct = grad_below
+        return grad_below
+
+    def _layer(self, layer, d, direct, dh_n, dc_n, input_grad) -> Tensor | None:
+        rec = self.recs[layer, d]
+        assert isinstance(rec, Recurrence)
+        valid, valid2 = self.setup.valid, self.valid2
+        # probes ride along the backward walk, except for large calls (they would double
+        # its buffers): those are walked step by step just after, while the layer is held
+        fused = self.probes and not self.recompute and bool(self.lengths.numel())
+        unit = None
+        if self.probes and self.lengths.numel():
+            x = self.setup.lay.x
+            unit = unit_probes(self.lengths.numel(), rec.state_sizes, x.device, x.dtype)
+        res = rec.backward(
+            direct, dh_n, dc_n, self.last[d], valid, input_grad, unit if fused else None
+        )
+        stats = self.stats
+        stats["total"][layer, d] = step_mean(sample_norms(res.total_h), valid2)
+        stats["direct"][layer, d] = step_mean(sample_norms(res.direct_h), valid2)
+        carry = sample_norms(res.carried_h)
+        if res.carried_c is not None:
+            carry = torch.hypot(carry, sample_norms(res.carried_c))
+        stats["carried"][layer, d] = step_mean(carry, valid2)
+        if "cell_total" in stats and res.total_c is not None:
+            stats["cell_total"][layer, d] = step_mean(sample_norms(res.total_c), valid2)
+        grad_input, logs, ok = res.grad_input, res.probe_logs, res.probe_ok
+        del res
+        if unit is not None:
+            # outside the range a block keeps exact (or non-finite): walk it step by step
+            if logs is None or ok is None or not bool(ok):
+                last = last_steps(rec.reverse, self.lengths, rec.steps)
+                logs = walk_probes(rec, valid2, last, unit)
+            self.walked[layer, d] = logs
+        if self.recompute:
+            self.recs[layer, d] = LazyRecurrence(rec, partial(self._rebuild, layer, d))
+        return grad_input
+
+    def _rebuild(self, layer: int, d: int) -> Recurrence:
+        call = self.setup.call
+        device_type = call.weights[0].device.type if call.weights else "cpu"
+        with torch.no_grad(), torch.autocast(device_type, enabled=False), call.mode.context():
+            return self.setup.run_layer(layer, self.inputs[layer])[d][0]
 
 
 def _real_state(x: Tensor, lay: _Layout, dtype: torch.dtype) -> Tensor:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradwatch._capture.probes import BLOCK, fused_logs, renormalise
 from gradwatch._capture.recurrences import (
     BackwardResult,
+    _data_slice,
     LayerWeights,
     Recurrence,
     _where,
@@ -160,55 +162,82 @@ class LSTMRecurrence(Recurrence):
 
     def step_back(self, t, dh, dc, valid):
         H = self.hidden_size
-        dm = dh if self.w.w_hr is None else torch.mm(dh, self.w.w_hr)
+        dm = dh if self.w.w_hr is None else torch.matmul(dh, self.w.w_hr)
         dc_total = torch.addcmul(dc, dm, self._k_c[t])
-        d_a = dm.new_empty(dm.shape[0], 4 * H)
-        torch.mul(dm, self._k_o[t], out=d_a[:, :H])
-        d_ifg = d_a[:, H:].view(-1, 3, H)
-        torch.mul(dc_total.unsqueeze(1), self._k_ifg[t].view(-1, 3, H), out=d_ifg)
+        d_a = dm.new_empty(*dm.shape[:-1], 4 * H)
+        torch.mul(dm, self._k_o[t], out=d_a[..., :H])
+        d_ifg = d_a[..., H:].unflatten(-1, (3, H))
+        torch.mul(dc_total.unsqueeze(-2), self._k_ifg[t].unflatten(-1, (3, H)), out=d_ifg)
         d_a = _zero_invalid(valid, t, d_a)
         dc_prev = _zero_invalid(valid, t, dc_total * self._f[t])
         return d_a, self._to_state(d_a), dc_prev, dc_total
 
-    def backward(self, direct, dh_n, dc_n, last, valid, input_grad=True):
+    def backward(self, direct, dh_n, dc_n, last, valid, input_grad=True, probes=None):
         if valid is not None or self.w.w_hr is not None:
-            return super().backward(direct, dh_n, dc_n, last, valid, input_grad)
+            return super().backward(direct, dh_n, dc_n, last, valid, input_grad, probes)
         # Every sequence covers every step: the generic walk with each step's results
         # written straight into whole-sequence buffers, and per-step views taken once
         # (``unbind``) rather than indexed step by step: at small sizes the replay is bound
-        # by the number of operations, not by arithmetic.
+        # by the number of operations, not by arithmetic. Probes ride along as extra
+        # leading slices ``[T, 1 + R, B, *]`` of the same buffers (same operations).
         T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
         if dh_n is not None:
             direct = direct + last * dh_n
-        total_h = torch.empty_like(direct)
-        total_c, carried_c = direct.new_empty(T, B, H), direct.new_empty(T, B, H)
-        d_a = direct.new_empty(T, B, 4 * H)
-        d_a_o, d_a_ifg = d_a[..., :H].unbind(), d_a[..., H:].view(T, B, 3, H).unbind()
-        k_c, k_o, f = self._k_c.unbind(), self._k_o.unbind(), self._f.unbind()
-        k_ifg = self._k_ifg.view(T, B, 3, H).unbind()
-        direct_t, total_h_t, total_c_t = direct.unbind(), total_h.unbind(), total_c.unbind()
-        carried_c_t = carried_c.unbind()
         visit = list(reversed(self.order(T)))
+        dc_first = dc_n
+        if probes is not None:
+            full = direct.new_zeros(T, 1 + probes[0].shape[0], B, direct.shape[2])
+            full[:, 0] = direct
+            if T:
+                full[visit[0], 1:] = probes[0]
+                data_c = dc_n if dc_n is not None else probes[1].new_zeros(B, H)
+                dc_first = torch.cat([data_c.unsqueeze(0), probes[1]])
+            direct = full
+        lead = direct.shape[1:-1]  # (B,) or (1 + R, B)
+        total_h = torch.empty_like(direct)
+        total_c, carried_c = direct.new_empty(T, *lead, H), direct.new_empty(T, *lead, H)
+        d_a = direct.new_empty(T, *lead, 4 * H)
+        d_a_o = d_a[..., :H].unbind()
+        d_a_ifg = d_a[..., H:].unflatten(-1, (3, H)).unbind()
+        k_c, k_o, f = self._k_c.unbind(), self._k_o.unbind(), self._f.unbind()
+        k_ifg = self._k_ifg.unflatten(-1, (3, H)).unbind()
+        direct_t, total_h_t, total_c_t = direct.unbind(), total_h.unbind(), total_c.unbind()
+        total_c_u = total_c.unsqueeze(-2).unbind()
+        carried_c_t = carried_c.unbind()
         carried_h: list[Tensor] = [direct.new_empty(0)] * T
-        carry_h = direct.new_zeros(B, direct.shape[2])
-        if T:  # nothing arrives at the last step from beyond it
+        carry_h = direct.new_zeros(*lead, direct.shape[-1])
+        log_scale = None
+        if probes is not None:
+            log_scale = direct.new_zeros(T, probes[0].shape[0], B, dtype=torch.float64)
+        if T:  # nothing arrives at the last step from beyond it (the probes start there)
             carried_c_t[visit[0]].zero_()
+            if probes is not None:
+                carried_c_t[visit[0]][1:] = probes[1]
         for n, t in enumerate(visit):
             carried_h[t] = carry_h
             dh = torch.add(direct_t[t], carry_h, out=total_h_t[t])
             # the final cell-state gradient enters at the first visited step (the last one)
-            dc = dc_n if n == 0 and dc_n is not None else carried_c_t[t]
-            dc_total = torch.addcmul(dc, dh, k_c[t], out=total_c_t[t])
+            dc = dc_first if n == 0 and dc_first is not None else carried_c_t[t]
+            torch.addcmul(dc, dh, k_c[t], out=total_c_t[t])
             torch.mul(dh, k_o[t], out=d_a_o[t])
-            torch.mul(dc_total.unsqueeze(1), k_ifg[t], out=d_a_ifg[t])
+            torch.mul(total_c_u[t], k_ifg[t], out=d_a_ifg[t])
             if n + 1 < T:
-                torch.mul(dc_total, f[t], out=carried_c_t[visit[n + 1]])
+                nxt = carried_c_t[visit[n + 1]]
+                torch.mul(total_c_t[t], f[t], out=nxt)
                 carry_h = self._to_state(d_a[t])
-        grad_input = None
-        if input_grad:
-            grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
+                if log_scale is not None and (n + 1) % BLOCK == 0:
+                    renormalise([carry_h[1:], nxt[1:]], log_scale[n + 1])
         stacked = torch.stack(carried_h) if T else torch.empty_like(direct)
-        return BackwardResult(total_h, direct, stacked, carried_c, total_c, grad_input)
+        res = BackwardResult(total_h, direct, stacked, carried_c, total_c, None)
+        if log_scale is not None:
+            parts = [total_h[:, 1:], carried_c[:, 1:]]
+            starts = last[..., 0] > 0
+            res.probe_logs, res.probe_ok = fused_logs(parts, log_scale, self.reverse, None, starts)
+            res = _data_slice(res)
+            d_a = d_a[:, 0]
+        if input_grad:
+            res.grad_input = torch.mm(d_a.reshape(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
+        return res
 
     # rows are in (o, i, f, g) order here
     def candidate_block(self):

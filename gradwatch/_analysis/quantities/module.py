@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from gradwatch._analysis.quantities.causes import sampled_steps, trajectory_causes, weight_causes
-from gradwatch._analysis.quantities.propagation import HORIZON_LEVEL, actual_gain, propagate
+from gradwatch._analysis.quantities.propagation import (
+    HORIZON_LEVEL,
+    actual_gain,
+    from_walk,
+    propagate,
+)
 from gradwatch._capture.raw import Walkable
 
 __all__ = [
@@ -70,11 +75,14 @@ def fused_quantities(
     stats: dict[str, Tensor],
     keys: dict[tuple[int, int], Tensor],
     options: QuantityOptions = QuantityOptions(),
+    walked: dict[tuple[int, int], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Propagation, summary numbers and causes of every layer/direction of a recorded call.
 
     ``stats`` are the per-step statistics (device ``[L, D, T]``) of the capture, ``keys`` the
-    module's recurrent weight parameters (warm-start keys for the power iterations).
+    module's recurrent weight parameters (warm-start keys for the power iterations),
+    ``walked`` the probes the capture already walked back (``[R, T, B]`` log norms per
+    layer/direction; the others are walked here).
     Returns device tensors (see `to_host`): ``propagation`` ``[L, D, T]`` (log10),
     and ``[L, D]`` tensors ``gain``, ``horizon``, ``efold``, ``log10_attenuation``,
     ``actual_gain`` and the cause fields (``weight_norm``, ..., ``gate_mean/<gate>``, ...).
@@ -93,7 +101,11 @@ def fused_quantities(
         carried = stats["carried"][layer, d]
         values = {"actual_gain": actual_gain(carried, state_total[layer, d], rec.reverse)}
         if options.propagation and steps:
-            prop = propagate(rec, valid, lengths, rec.state_sizes)
+            logs = None if walked is None else walked.get((layer, d))
+            if logs is not None:
+                prop = from_walk(logs, rec.reverse, lengths)
+            else:
+                prop = propagate(rec, valid, lengths, rec.state_sizes)
             values.update(
                 gain=prop.gain,
                 horizon=prop.horizon,
