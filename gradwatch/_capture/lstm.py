@@ -7,8 +7,8 @@ from torch import Tensor
 
 from gradwatch._capture.probes import BLOCK, fused_logs, renormalise
 from gradwatch._capture.recurrences import (
+    PACKED_ABOVE,
     BackwardResult,
-    _data_slice,
     LayerWeights,
     Recurrence,
     _where,
@@ -97,9 +97,11 @@ class LSTMRecurrence(Recurrence):
         self._acts, self._f = acts, f
         one = acts.new_ones(())
         self._k_c = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)  # dc += dm * k_c
-        k_o = tanh_c * o
-        self._k_o = torch.addcmul(k_o, k_o, o, value=-1)  # d(pre-activation of o) = dm * k_o
-        k = acts.new_empty(*acts.shape[:-1], 3 * H)
+        # one buffer in gate order (o, i, f, g): d(pre-activations) = [dm, dc, dc, dc] * k
+        k_all = acts.new_empty(*acts.shape[:-1], 4 * H)
+        k_o = torch.mul(tanh_c, o, out=k_all[..., :H])
+        self._k_o = torch.addcmul(k_o, k_o, o, value=-1, out=k_o)  # o * (1 - o) * tanh(c)
+        k = k_all[..., H:]
         k_i, k_f, k_g = k[..., :H], k[..., H : 2 * H], k[..., 2 * H :]
         torch.addcmul(i, i, i, value=-1, out=k_i).mul_(g)  # g * i * (1 - i)
         torch.addcmul(f, f, f, value=-1, out=k_f)  # f * (1 - f), times c_(t-1) below
@@ -115,7 +117,7 @@ class LSTMRecurrence(Recurrence):
             k_f[rest].mul_(cells[1:] if self.reverse else cells[:-1])
             k_f[first].mul_(c0)
         torch.addcmul(one, g, g, value=-1, out=k_g).mul_(i)  # i * (1 - g^2)
-        self._k_ifg = k
+        self._k_ifg, self._k = k, k_all
 
     def from_states(self, x, h_prev, c_prev):
         H = self.hidden_size
@@ -175,68 +177,78 @@ class LSTMRecurrence(Recurrence):
     def backward(self, direct, dh_n, dc_n, last, valid, input_grad=True, probes=None):
         if valid is not None or self.w.w_hr is not None:
             return super().backward(direct, dh_n, dc_n, last, valid, input_grad, probes)
-        # Every sequence covers every step: the generic walk with each step's results
-        # written straight into whole-sequence buffers, and per-step views taken once
-        # (``unbind``) rather than indexed step by step: at small sizes the replay is bound
-        # by the number of operations, not by arithmetic. Probes ride along as extra
-        # leading slices ``[T, 1 + R, B, *]`` of the same buffers (same operations).
+        # Every sequence covers every step. At small sizes the walk is bound by the number
+        # of Python-level operations per step (each op and each tensor view costs about as
+        # much as the arithmetic), so the loop takes as few as possible: 2-D rows throughout
+        # (probe rounds are extra rows, the coefficients repeated for them), fresh per-step
+        # results stacked once at the end, one coefficient view per factor.
         T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
         if dh_n is not None:
             direct = direct + last * dh_n
         visit = list(reversed(self.order(T)))
-        dc_first = dc_n
-        if probes is not None:
-            full = direct.new_zeros(T, 1 + probes[0].shape[0], B, direct.shape[2])
-            full[:, 0] = direct
-            if T:
-                full[visit[0], 1:] = probes[0]
-                data_c = dc_n if dc_n is not None else probes[1].new_zeros(B, H)
-                dc_first = torch.cat([data_c.unsqueeze(0), probes[1]])
+        k_c, k_all, f = self._k_c, self._k, self._f
+        dc = dc_n if dc_n is not None else direct.new_zeros(B, H)
+        rows = B
+        if probes is not None and T:
+            rounds = probes[0].shape[0]
+            rows = B * (1 + rounds)
+            full = direct.new_zeros(T, rows, direct.shape[2])
+            full[:, :B] = direct
+            full[visit[0], B:] = probes[0].reshape(-1, probes[0].shape[-1])
             direct = full
-        lead = direct.shape[1:-1]  # (B,) or (1 + R, B)
-        total_h = torch.empty_like(direct)
-        total_c, carried_c = direct.new_empty(T, *lead, H), direct.new_empty(T, *lead, H)
-        d_a = direct.new_empty(T, *lead, 4 * H)
-        d_a_o = d_a[..., :H].unbind()
-        d_a_ifg = d_a[..., H:].unflatten(-1, (3, H)).unbind()
-        k_c, k_o, f = self._k_c.unbind(), self._k_o.unbind(), self._f.unbind()
-        k_ifg = self._k_ifg.unflatten(-1, (3, H)).unbind()
-        direct_t, total_h_t, total_c_t = direct.unbind(), total_h.unbind(), total_c.unbind()
-        total_c_u = total_c.unsqueeze(-2).unbind()
-        carried_c_t = carried_c.unbind()
-        carried_h: list[Tensor] = [direct.new_empty(0)] * T
-        carry_h = direct.new_zeros(*lead, direct.shape[-1])
-        log_scale = None
-        if probes is not None:
-            log_scale = direct.new_zeros(T, probes[0].shape[0], B, dtype=torch.float64)
-        if T:  # nothing arrives at the last step from beyond it (the probes start there)
-            carried_c_t[visit[0]].zero_()
-            if probes is not None:
-                carried_c_t[visit[0]][1:] = probes[1]
+            dc = torch.cat([dc, probes[1].reshape(-1, H)])
+            k_c, k_all, f = (x.repeat(1, 1 + rounds, 1) for x in (k_c, k_all, f))
+        direct_t, k_c_t, k_t, f_t = (x.unbind() for x in (direct, k_c, k_all, f))
+        w = self.w.w_hh
+        packed = w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= PACKED_ABOVE
+        carry_h = direct.new_zeros(rows, direct.shape[2])
+        total_h, carried_h, total_c, carried_c, d_as = ([] for _ in range(5))
+        log_scale = direct.new_zeros(T, rows - B, dtype=torch.float64) if rows > B else None
         for n, t in enumerate(visit):
-            carried_h[t] = carry_h
-            dh = torch.add(direct_t[t], carry_h, out=total_h_t[t])
-            # the final cell-state gradient enters at the first visited step (the last one)
-            dc = dc_first if n == 0 and dc_first is not None else carried_c_t[t]
-            torch.addcmul(dc, dh, k_c[t], out=total_c_t[t])
-            torch.mul(dh, k_o[t], out=d_a_o[t])
-            torch.mul(total_c_u[t], k_ifg[t], out=d_a_ifg[t])
+            carried_h.append(carry_h)
+            carried_c.append(dc)  # the first one: the final-state gradient (direct, below)
+            dh = torch.add(direct_t[t], carry_h)
+            dct = torch.addcmul(dc, dh, k_c_t[t])
+            d_a = torch.cat([dh, dct, dct, dct], dim=1).mul_(k_t[t])
+            total_h.append(dh)
+            total_c.append(dct)
+            d_as.append(d_a)
             if n + 1 < T:
-                nxt = carried_c_t[visit[n + 1]]
-                torch.mul(total_c_t[t], f[t], out=nxt)
-                carry_h = self._to_state(d_a[t])
+                dc = torch.mul(dct, f_t[t])
+                carry_h = self._to_state(d_a) if packed else torch.mm(d_a, w)
                 if log_scale is not None and (n + 1) % BLOCK == 0:
-                    renormalise([carry_h[1:], nxt[1:]], log_scale[n + 1])
-        stacked = torch.stack(carried_h) if T else torch.empty_like(direct)
-        res = BackwardResult(total_h, direct, stacked, carried_c, total_c, None)
+                    renormalise([carry_h[B:], dc[B:]], log_scale[n + 1])
+        return self._assemble(
+            visit, direct, [total_h, carried_h, total_c, carried_c, d_as], B, log_scale, last,
+            input_grad,
+        )
+
+    def _assemble(self, visit, direct, lists, B, log_scale, last, input_grad):
+        """Stack the per-step results in time order and split data rows from probe rows."""
+        T = len(visit)
+        if not T:
+            empty = direct.new_empty(0, B, direct.shape[-1])
+            cells = direct.new_empty(0, B, self.hidden_size)
+            return BackwardResult(empty, direct, empty, cells, cells, None)
+        order = slice(None, None, -1) if not self.reverse else slice(None)
+        total_h, carried_h, total_c, carried_c, d_a = (torch.stack(x[order]) for x in lists)
+        carried_c[visit[0], :B] = 0  # the final-state gradient is direct, not carried
+        res = BackwardResult(
+            total_h[:, :B], direct[:, :B], carried_h[:, :B], carried_c[:, :B], total_c[:, :B], None
+        )
         if log_scale is not None:
-            parts = [total_h[:, 1:], carried_c[:, 1:]]
+            R = log_scale.shape[1] // B
+            parts = [
+                total_h[:, B:].unflatten(1, (R, B)),
+                carried_c[:, B:].unflatten(1, (R, B)),
+            ]
             starts = last[..., 0] > 0
-            res.probe_logs, res.probe_ok = fused_logs(parts, log_scale, self.reverse, None, starts)
-            res = _data_slice(res)
-            d_a = d_a[:, 0]
+            res.probe_logs, res.probe_ok = fused_logs(
+                parts, log_scale.view(T, R, B), self.reverse, None, starts
+            )
         if input_grad:
-            res.grad_input = torch.mm(d_a.reshape(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
+            d = d_a[:, :B].reshape(T * B, -1)
+            res.grad_input = torch.mm(d, self.w.w_ih).view(T, B, -1)
         return res
 
     # rows are in (o, i, f, g) order here

@@ -58,7 +58,24 @@ def unit_probes(
 ) -> list[Tensor]:
     """One unit vector per sample and round over the full state, split into its parts:
     ``[R, B, n]`` per part of width ``n``. Drawn from a fixed seed on the host, so the
-    global random number generator is untouched and every capture uses the same probes."""
+    global random number generator is untouched and every capture uses the same probes
+    (the last few sets are kept: they are the same at every capture of a module)."""
+    key = (batch, tuple(sizes), torch.device(device), dtype)
+    found = _recent.get(key)
+    if found is None:
+        found = _draw(batch, sizes, device, dtype)
+        if len(_recent) >= 8:
+            _recent.pop(next(iter(_recent)))
+        _recent[key] = found
+    return found
+
+
+_recent: dict[tuple, list[Tensor]] = {}
+
+
+def _draw(
+    batch: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> list[Tensor]:
     gen = torch.Generator().manual_seed(PROBE_SEED)
     rounds: list[list[Tensor]] = []
     for _ in range(probe_rounds(batch)):

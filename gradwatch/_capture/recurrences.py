@@ -141,6 +141,14 @@ class Recurrence:
         flat = self._packed["to"](d_a.reshape(-1, d_a.shape[-1]))
         return flat.view(*d_a.shape[:-1], flat.shape[-1])
 
+    def _to_state_into(self) -> Callable[[Tensor, Tensor], None]:
+        """``(d_a, out) -> out = d_a @ W_hh`` for 2-D rows: ``torch.mm`` writing in place
+        where it is the faster product, else the packed product and a copy."""
+        w = self.w.w_hh
+        if w.dtype == torch.float32 and w.device.type == "cpu" and w.numel() >= PACKED_ABOVE:
+            return lambda d_a, out: out.copy_(self._to_state(d_a))
+        return lambda d_a, out: torch.mm(d_a, w, out=out)
+
     def order(self, steps: int) -> range:
         """Time indices in the order the forward pass visits them."""
         return range(steps - 1, -1, -1) if self.reverse else range(steps)

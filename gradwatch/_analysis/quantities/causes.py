@@ -35,6 +35,14 @@ SATURATED_DERIVATIVE = 0.1  # tanh units with f' below this (|h| > 0.95) count a
 GATE_LOW, GATE_HIGH = 0.1, 0.9  # gate values outside [0.1, 0.9] count as saturated
 
 _NORM_ITERS, _RADIUS_ITERS = 24, 64
+# Small weights on the CPU: an exact decomposition costs less than the power iterations
+# (measured: 47 us for the norm and 76 us for the radius at hidden size 25, against ~1.3 ms
+# for the 88 iterations; equal near 64). Elsewhere a decomposition would synchronise.
+_EXACT_UP_TO = 4 * 64 * 64
+
+
+def _exact(w: Tensor) -> bool:
+    return w.device.type == "cpu" and w.numel() <= _EXACT_UP_TO and bool(w.isfinite().all())
 # Power-iteration vectors from the previous report, per weight tensor (weakly held).
 _warm: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -55,7 +63,10 @@ def _remember(key: Tensor | None, slot: str, v: Tensor) -> None:
 
 def spectral_norm(w: Tensor, key: Tensor | None = None, iters: int = _NORM_ITERS) -> Tensor:
     """Largest singular value of ``w`` by power iteration on ``w^T w`` (a lower bound that
-    converges from below; warm-started from the last call for the same ``key``)."""
+    converges from below; warm-started from the last call for the same ``key``); exact for
+    small matrices on the CPU."""
+    if _exact(w):
+        return torch.linalg.matrix_norm(w, 2)
     v = _start(w, key, "norm", w.shape[1])
     v = v / v.norm().clamp(min=1e-30)
     u = w @ v
@@ -70,7 +81,10 @@ def spectral_norm(w: Tensor, key: Tensor | None = None, iters: int = _NORM_ITERS
 def spectral_radius(w: Tensor, key: Tensor | None = None, iters: int = _RADIUS_ITERS) -> Tensor:
     """Largest eigenvalue modulus of a square ``w``, from the growth rate of ``w^k v``
     (Gelfand's formula): the mean log growth over the second half of the iterations, which
-    also handles a complex-conjugate dominant pair where plain power iteration oscillates."""
+    also handles a complex-conjugate dominant pair where plain power iteration oscillates;
+    exact (eigenvalues) for small matrices on the CPU."""
+    if _exact(w):
+        return torch.linalg.eigvals(w).abs().max().to(w.dtype)
     v = _start(w, key, "radius", w.shape[0])
     v = v / v.norm().clamp(min=1e-30)
     total = torch.zeros((), dtype=torch.float64, device=w.device)
