@@ -110,7 +110,10 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def trajectory_causes(rec: Walkable, valid: Tensor | None, steps: Tensor) -> dict[str, Tensor]:
-    """Scalar device tensors for one layer/direction, from the trajectory at ``steps``."""
+    """Scalar device tensors for one layer/direction, from the trajectory at ``steps``.
+
+    The gates are summarised together (one stacked tensor, a few whole-tensor operations):
+    at small sizes each operation costs more than its arithmetic."""
     samples = rec.trajectory(steps)
     mask = None if valid is None else valid[steps]
     out = {}
@@ -120,12 +123,24 @@ def trajectory_causes(rec: Walkable, valid: Tensor | None, steps: Tensor) -> dic
         out["saturation"] = masked_mean(deriv == 0, mask)
     else:
         out["saturation"] = masked_mean(deriv < SATURATED_DERIVATIVE, mask)
-    for gate, values in samples.items():
-        out[f"gate_mean/{gate}"] = masked_mean(values, mask)
-        out[f"gate_saturation/{gate}"] = masked_mean(
-            (values < GATE_LOW) | (values > GATE_HIGH), mask
-        )
+    if samples:
+        names = list(samples)
+        gates = torch.stack([samples[g] for g in names])  # [G, S, B, H]
+        means = _masked_means(gates, mask)
+        saturated = _masked_means((gates < GATE_LOW) | (gates > GATE_HIGH), mask)
+        for i, gate in enumerate(names):
+            out[f"gate_mean/{gate}"] = means[i]
+            out[f"gate_saturation/{gate}"] = saturated[i]
     return out
+
+
+def _masked_means(x: Tensor, mask: Tensor | None) -> Tensor:
+    """`masked_mean` of each ``x[g]`` ([G, S, B, H] -> [G]), in float64."""
+    x = x.double()
+    if mask is None:
+        return x.mean(dim=(1, 2, 3))
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(dim=(1, 2, 3)) / (m.sum() * x.shape[-1]).clamp(min=1)
 
 
 def weight_causes(rec: Walkable, key: Tensor | None = None) -> dict[str, Tensor]:

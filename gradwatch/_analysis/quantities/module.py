@@ -45,12 +45,8 @@ def to_host(values: dict[str, Tensor]) -> dict[str, Tensor]:
         return {}
     keys = list(values)
     flat = torch.cat([values[k].detach().reshape(-1).to(torch.float64) for k in keys]).cpu()
-    out, i = {}, 0
-    for k in keys:
-        n = values[k].numel()
-        out[k] = flat[i : i + n].view(values[k].shape).to(torch.float32)
-        i += n
-    return out
+    parts = flat.to(torch.float32).split([values[k].numel() for k in keys])
+    return {k: p.view(values[k].shape) for k, p in zip(keys, parts, strict=True)}
 
 
 def _grid(
@@ -58,13 +54,16 @@ def _grid(
 ) -> dict[str, Tensor]:
     """{(l, d): {name: scalar or [T]}} -> {name: [L, D] or [L, D, T]} (device tensors)."""
     names = list(dict.fromkeys(k for v in items.values() for k in v))
+    order = [(layer, d) for layer in range(layers) for d in range(dirs)]
     out = {}
     for name in names:
-        rows = []
-        for layer in range(layers):
-            row = [items[layer, d][name].to(torch.float64) for d in range(dirs)]
-            rows.append(torch.stack(row))
-        out[name] = torch.stack(rows)
+        cells = [items[key][name] for key in order]
+        if len(cells) == 1:
+            one = cells[0].to(torch.float64)
+            out[name] = one.reshape(1, 1, *one.shape)
+            continue
+        stacked = torch.stack([c.to(torch.float64) for c in cells])
+        out[name] = stacked.view(layers, dirs, *stacked.shape[1:])
     return out
 
 
