@@ -513,10 +513,12 @@ class _Walk:
         # probes ride along the backward walk, except for large calls (they would double
         # its buffers): those are walked step by step just after, while the layer is held
         fused = self.probes and not self.recompute and bool(self.lengths.numel())
-        unit = None
+        unit, logs = None, None
         if self.probes and self.lengths.numel():
             x = self.setup.lay.x
             unit = unit_probes(self.lengths.numel(), rec.state_sizes, x.device, x.dtype)
+            if not fused:  # step by step, before the backward walk may spend the trajectory
+                logs = self._walk_probes(rec, unit)
         res = rec.backward(
             direct, dh_n, dc_n, self.last[d], valid, input_grad, unit if fused else None
         )
@@ -529,17 +531,22 @@ class _Walk:
         stats["carried"][layer, d] = step_mean(carry, valid2)
         if "cell_total" in stats and res.total_c is not None:
             stats["cell_total"][layer, d] = step_mean(sample_norms(res.total_c), valid2)
-        grad_input, logs, ok = res.grad_input, res.probe_logs, res.probe_ok
-        del res
-        if unit is not None:
+        grad_input = res.grad_input
+        if fused:
+            logs = res.probe_logs
             # outside the range a block keeps exact (or non-finite): walk it step by step
-            if logs is None or ok is None or not bool(ok):
-                last = last_steps(rec.reverse, self.lengths, rec.steps)
-                logs = walk_probes(rec, valid2, last, unit)
+            if logs is None or res.probe_ok is None or not bool(res.probe_ok):
+                logs = self._walk_probes(rec, unit)
+        del res
+        if logs is not None:
             self.walked[layer, d] = logs
-        if self.recompute:
+        if self.recompute or getattr(rec, "_spent", False):
             self.recs[layer, d] = LazyRecurrence(rec, partial(self._rebuild, layer, d))
         return grad_input
+
+    def _walk_probes(self, rec: Recurrence, unit: list[Tensor]) -> Tensor:
+        last = last_steps(rec.reverse, self.lengths, rec.steps)
+        return walk_probes(rec, self.valid2, last, unit)
 
     def _rebuild(self, layer: int, d: int) -> Recurrence:
         call = self.setup.call

@@ -16,7 +16,11 @@ from gradwatch._capture.recurrences import (
     tanh,
 )
 
-__all__ = ["LSTMRecurrence"]
+__all__ = ["BUFFERED_ABOVE", "LSTMRecurrence"]
+
+# Above this size of the walk's pre-activation gradients (bytes), the backward walk writes into
+# whole-sequence buffers over the spent coefficients instead of stacking per-step results.
+BUFFERED_ABOVE = 64 * 2**20
 
 
 class LSTMRecurrence(Recurrence):
@@ -163,6 +167,8 @@ class LSTMRecurrence(Recurrence):
         return outs, c.new_empty(0) if T == 0 else outs[self.order(T)[-1]], c
 
     def step_back(self, t, dh, dc, valid):
+        if getattr(self, "_spent", False):
+            raise RuntimeError("the trajectory was spent by a buffered backward walk")
         H = self.hidden_size
         dm = dh if self.w.w_hr is None else torch.matmul(dh, self.w.w_hr)
         dc_total = torch.addcmul(dc, dm, self._k_c[t])
@@ -183,6 +189,8 @@ class LSTMRecurrence(Recurrence):
         # (probe rounds are extra rows, the coefficients repeated for them), fresh per-step
         # results stacked once at the end, one coefficient view per factor.
         T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
+        if probes is None and direct.numel() * 4 * direct.element_size() > BUFFERED_ABOVE:
+            return self._backward_buffered(direct, dh_n, dc_n, last, input_grad)
         if dh_n is not None:
             direct = direct + last * dh_n
         visit = list(reversed(self.order(T)))
@@ -222,6 +230,42 @@ class LSTMRecurrence(Recurrence):
             visit, direct, [total_h, carried_h, total_c, carried_c, d_as], B, log_scale, last,
             input_grad,
         )
+
+    def _backward_buffered(self, direct, dh_n, dc_n, last, input_grad):
+        """The same walk for large calls: results written into whole-sequence buffers (no
+        per-step tensors stacked afterwards, which would hold everything twice), and the
+        cell-state and pre-activation gradients written over coefficients already used."""
+        T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
+        if dh_n is not None:
+            direct = direct + last * dh_n
+        visit = list(reversed(self.order(T)))
+        total_h, carried_h = torch.empty_like(direct), torch.empty_like(direct)
+        # c_t's total gradient overwrites k_c[t] and d(pre-activations) overwrites k[t] once
+        # step t is done: the trajectory is then spent (`drop_trajectory` follows)
+        total_c, d_a, carried_c = self._k_c, self._k, direct.new_empty(T, B, H)
+        k_c, k_t, f = self._k_c.unbind(), self._k.unbind(), self._f.unbind()
+        k_o, k_ifg = self._k_o.unbind(), self._k_ifg.unflatten(-1, (3, H)).unbind()
+        direct_t, total_h_t, carried_h_t = direct.unbind(), total_h.unbind(), carried_h.unbind()
+        carried_c_t = carried_c.unbind()
+        into = self._to_state_into()
+        if T:
+            carried_c_t[visit[0]].zero_()
+            carried_h_t[visit[0]].zero_()
+        for n, t in enumerate(visit):
+            dh = torch.add(direct_t[t], carried_h_t[t], out=total_h_t[t])
+            dc = dc_n if n == 0 and dc_n is not None else carried_c_t[t]
+            dct = torch.addcmul(dc, dh, k_c[t], out=k_c[t])  # k_c[t] is read before written
+            k_o[t].mul_(dh)
+            k_ifg[t].mul_(dct.unsqueeze(-2))
+            if n + 1 < T:
+                nxt = visit[n + 1]
+                torch.mul(dct, f[t], out=carried_c_t[nxt])
+                into(k_t[t], carried_h_t[nxt])
+        self._spent = True
+        res = BackwardResult(total_h, direct, carried_h, carried_c, total_c, None)
+        if input_grad:
+            res.grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
+        return res
 
     def _assemble(self, visit, direct, lists, B, log_scale, last, input_grad):
         """Stack the per-step results in time order and split data rows from probe rows."""
