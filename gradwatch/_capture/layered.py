@@ -29,7 +29,7 @@ __all__ = ["RECOMPUTE_ABOVE", "LazyRecurrence", "recomputes", "trajectory_bytes"
 
 # Above this size of one layer's replayed trajectory (bytes, all directions), lower layers are
 # replayed twice and walked layers compacted (docs/capture.md#memory).
-RECOMPUTE_ABOVE = 64 * 2**20
+RECOMPUTE_ABOVE = 32 * 2**20
 
 # values the replay keeps per hidden unit and step, by mode (trajectory and coefficients)
 _VALUES_PER_UNIT = {"LSTM": 11, "GRU": 6}

@@ -18,9 +18,10 @@ from gradwatch._capture.recurrences import (
 
 __all__ = ["BUFFERED_ABOVE", "LSTMRecurrence"]
 
-# Above this size of the walk's pre-activation gradients (bytes), the backward walk writes into
-# whole-sequence buffers over the spent coefficients instead of stacking per-step results.
-BUFFERED_ABOVE = 64 * 2**20
+# Above this size of the walk's pre-activation gradients (bytes), a walk without probes (a large
+# call's, see `gradwatch._capture.layered`) writes into whole-sequence buffers over the spent
+# coefficients instead of stacking per-step results.
+BUFFERED_ABOVE = 4 * 2**20
 
 
 class LSTMRecurrence(Recurrence):
@@ -54,18 +55,15 @@ class LSTMRecurrence(Recurrence):
         T, B, H = x.shape[0], x.shape[1], self.hidden_size
         self.steps = T
         w_hr_t = None if self.w.w_hr is None else self.w.w_hr.t()
-        acts = xp.new_empty(T, B, 4 * H)  # o, i, f (sigmoid) and g (tanh)
+        acts = xp  # o, i, f (sigmoid) and g (tanh), computed over the input projections
         tanh_c, cells = xp.new_empty(T, B, H), xp.new_empty(T, B, H)
         outs = xp.new_empty(T, B, h0.shape[-1])
         h, c = h0, c0
-        xp_t, acts_t, cells_t, tanh_c_t, outs_t = (
-            z.unbind() for z in (xp, acts, cells, tanh_c, outs)
-        )
+        acts_t, cells_t, tanh_c_t, outs_t = (z.unbind() for z in (acts, cells, tanh_c, outs))
         for t in self.order(T):
-            a = self._from_state(h).add_(xp_t[t])
-            at = acts_t[t]
-            torch.sigmoid(a[:, : 3 * H], out=at[:, : 3 * H])
-            tanh(a[:, 3 * H :], out=at[:, 3 * H :])
+            at = acts_t[t].add_(self._from_state(h))
+            at[:, : 3 * H].sigmoid_()
+            tanh(at[:, 3 * H :], out=at[:, 3 * H :])
             o, i, f, g = at[:, :H], at[:, H : 2 * H], at[:, 2 * H : 3 * H], at[:, 3 * H :]
             if valid is None:  # write straight into the trajectory buffers
                 c = torch.addcmul(f * c, i, g, out=cells_t[t])
