@@ -98,9 +98,9 @@ class LazyRecurrence:
     # -- the trajectory -------------------------------------------------------------------
     def trajectory(self, steps: Tensor) -> dict[str, Tensor]:
         kept, sample = self._kept, self._sample_host
-        if kept is not None and sample is not None and steps.shape == sample.shape:
-            if torch.equal(steps.cpu(), sample):  # the sampled steps the causes read
-                return dict(kept)
+        same = kept is not None and sample is not None and steps.shape == sample.shape
+        if same and torch.equal(steps.cpu(), sample):  # the sampled steps the causes read
+            return dict(kept)
         return self._recurrence().trajectory(steps)
 
     def step_back(self, t, dh, dc, valid):

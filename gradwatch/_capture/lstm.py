@@ -225,7 +225,12 @@ class LSTMRecurrence(Recurrence):
                 if log_scale is not None and (n + 1) % BLOCK == 0:
                     renormalise([carry_h[B:], dc[B:]], log_scale[n + 1])
         return self._assemble(
-            visit, direct, [total_h, carried_h, total_c, carried_c, d_as], B, log_scale, last,
+            visit,
+            direct,
+            [total_h, carried_h, total_c, carried_c, d_as],
+            B,
+            log_scale,
+            last,
             input_grad,
         )
 

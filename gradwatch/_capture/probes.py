@@ -103,9 +103,7 @@ def walk(rec: Walkable, valid: Tensor | None, last: Tensor, probes: list[Tensor]
     (`last_steps`), ``probes`` what `unit_probes` returns.
     """
     rounds = probes[0].shape[0]
-    return torch.stack(
-        [_walk(rec, valid, last, [p[r] for p in probes]) for r in range(rounds)]
-    )
+    return torch.stack([_walk(rec, valid, last, [p[r] for p in probes]) for r in range(rounds)])
 
 
 def _walk(rec: Walkable, valid: Tensor | None, last: Tensor, probe: list[Tensor]) -> Tensor:

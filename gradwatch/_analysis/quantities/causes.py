@@ -43,6 +43,8 @@ _EXACT_UP_TO = 4 * 64 * 64
 
 def _exact(w: Tensor) -> bool:
     return w.device.type == "cpu" and w.numel() <= _EXACT_UP_TO and bool(w.isfinite().all())
+
+
 # Power-iteration vectors from the previous report, per weight tensor (weakly held).
 _warm: WeakIdKeyDictionary = WeakIdKeyDictionary()
 

@@ -72,10 +72,8 @@ def from_walk(logs: Tensor, reverse: bool, lengths: Tensor) -> Propagation:
     lengths = lengths.to(logs.device)
     time = torch.arange(steps, device=logs.device).unsqueeze(1)
     # the index of the state k steps back from each sequence's end, in processing order
-    if reverse:
-        index = time.expand(steps, batch)
-    else:
-        index = (lengths.unsqueeze(0) - 1 - time).clamp(min=0)
+    back = (lengths.unsqueeze(0) - 1 - time).clamp(min=0)
+    index = time.expand(steps, batch) if reverse else back
     reach = time < lengths.unsqueeze(0)  # [K, B]: sample b reaches k steps back
     per_sample = torch.gather(logs, 1, index.unsqueeze(0).expand(logs.shape[0], -1, -1))
     return summarise(per_sample.mean(0), reach, lengths)
