@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from gradwatch._capture import fused, probes
+from gradwatch._capture import replay as replay_module
 from tests.test_diagnostics import _linear_relu_rnn, _trace_last_step_loss
 
 
@@ -64,13 +65,13 @@ def test_a_walk_beyond_the_safe_range_of_a_block_is_redone_step_by_step(monkeypa
     rho = 100.0
     rnn = _linear_relu_rnn(rho).float()
     steps_walked = []
-    original = fused.walk_probes
+    original = replay_module.walk_probes
 
     def counting(*args):
         steps_walked.append(args[0].steps)
         return original(*args)
 
-    monkeypatch.setattr(fused, "walk_probes", counting)
+    monkeypatch.setattr(replay_module, "walk_probes", counting)
     m = _trace_last_step_loss(rnn, torch.rand(18, 4, 3))["RNN"]
     assert steps_walked == [18]  # redone step by step
     k = torch.arange(18, dtype=torch.float64)
@@ -80,7 +81,7 @@ def test_a_walk_beyond_the_safe_range_of_a_block_is_redone_step_by_step(monkeypa
 
 def test_a_walk_within_range_is_not_redone(monkeypatch):
     rnn = _linear_relu_rnn(0.9).float()
-    monkeypatch.setattr(fused, "walk_probes", lambda *a: pytest.fail("walked again"))
+    monkeypatch.setattr(replay_module, "walk_probes", lambda *a: pytest.fail("walked again"))
     m = _trace_last_step_loss(rnn, torch.rand(300, 4, 3))["RNN"]
     assert m.gain[0, 0].item() == pytest.approx(0.9, rel=1e-5)
     assert m.log10_attenuation[0, 0].item() == pytest.approx(299 * math.log10(0.9), rel=1e-4)
