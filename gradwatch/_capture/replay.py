@@ -333,7 +333,7 @@ class _Walk:
         return grad_input
 
     def _walk_probes(self, rec: Recurrence, unit: list[Tensor]) -> Tensor:
-        last = last_steps(rec.reverse, self.lengths, rec.steps)
+        last = last_steps(rec.reverse, self.lengths.to(rec.weight.device), rec.steps)
         return walk_probes(rec, self.valid2, last, unit)
 
     def _rebuild(self, layer: int, d: int) -> Recurrence:
