@@ -89,17 +89,15 @@ def spectral_radius(w: Tensor, key: Tensor | None = None, iters: int = _RADIUS_I
         return torch.linalg.eigvals(w).abs().max().to(w.dtype)
     v = _start(w, key, "radius", w.shape[0])
     v = v / v.norm().clamp(min=1e-30)
-    total = torch.zeros((), dtype=torch.float64, device=w.device)
-    counted = 0
-    for i in range(iters):
+    norms = []
+    for _ in range(iters):
         v = w @ v
         n = v.norm()
-        if i >= iters // 2:
-            total = total + n.double().log()
-            counted += 1
+        norms.append(n)
         v = v / n.clamp(min=1e-30)
     _remember(key, "radius", v)
-    return (total / counted).exp().to(w.dtype)
+    growth = torch.stack(norms[iters // 2 :]).double().log().mean()
+    return growth.exp().to(w.dtype)
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
