@@ -87,12 +87,16 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--quick", action="store_true", help="LSTM 2x64, T 100, batch 8")
+    p.add_argument(
+        "--quick", action="store_true", help="LSTM 2x256, T 300, batch 16 (a few seconds)"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
-        args.hidden, args.steps, args.batch = 64, 100, 8
+        # smaller sizes measure allocator noise: the replay holds every layer of a call below
+        # gradwatch._capture.layered.RECOMPUTE_ABOVE (tens of MB at most)
+        args.hidden, args.steps, args.batch = 256, 300, 16
     if args.child:
         _child(args.kind, args.layers, args.hidden, args.steps, args.batch, args.traced)
         return

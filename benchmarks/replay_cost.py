@@ -11,7 +11,17 @@ Ratios are replay time over baseline time (1.0: the replay costs as much as the 
 training step). Medians over rounds; A/B/C alternate so noise from other work on the machine
 hits all sides alike.
 
-    python benchmarks/replay_cost.py                   # default table
+A second table times whole training steps of the models the overhead targets are set on
+(issue 13): a step of the model alone against the same step inside ``gradwatch.trace``
+(hooks, replay, diagnostics: a capture at every step), alternating in one process:
+
+* darts ``RNNModel`` shape: LSTM 1x25, input size 1, T 48, batch 32, a linear head, MSE, Adam
+  (target: capture step / plain step at most 3);
+* the reference language model: embedding 64, LSTM 2x256, T 64, batch 32, vocabulary 1000,
+  cross-entropy at every step, SGD (target: at most 2).
+
+    python benchmarks/replay_cost.py                   # both tables
+    python benchmarks/replay_cost.py --quick           # the training-step table, few rounds
     python benchmarks/replay_cost.py --threads 2 --rounds 30
 """
 
@@ -24,6 +34,7 @@ import time
 import torch
 from torch import nn
 
+import gradwatch
 from gradwatch._analysis import analyze
 from gradwatch._analysis.quantities import QuantityOptions
 from gradwatch._capture.families.fused import capture_call
@@ -81,7 +92,7 @@ def measure(factory, steps: int, batch: int, rounds: int) -> tuple[float, float,
 
     def capture() -> None:
         with torch.no_grad():
-            replay_fused_call(call, options=CAPTURE_ONLY)
+            analyze(capture_call(call, probes=False), options=CAPTURE_ONLY)
 
     def full() -> None:
         with torch.no_grad():
@@ -100,13 +111,110 @@ def measure(factory, steps: int, batch: int, rounds: int) -> tuple[float, float,
     return med["base"], med["capture"] / med["base"], med["full"] / med["base"]
 
 
+class _Forecaster(nn.Module):
+    """The darts ``RNNModel`` shape: LSTM 1x25 over 48 steps and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(1, 25, batch_first=True)
+        self.head = nn.Linear(25, 1)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        out, _ = self.rnn(x)
+        return nn.functional.mse_loss(self.head(out), y)
+
+
+class _LanguageModel(nn.Module):
+    """The reference language model: embedding 64, LSTM 2x256, vocabulary 1000."""
+
+    def __init__(self, vocab: int = 1000) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 64)
+        self.rnn = nn.LSTM(64, 256, num_layers=2)
+        self.head = nn.Linear(256, vocab)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        (x,) = batch
+        out, _ = self.rnn(self.emb(x.t()))
+        return nn.functional.cross_entropy(self.head(out).flatten(0, 1), x.t().flatten())
+
+
+def _model_setup(name: str):
+    torch.manual_seed(0)
+    if name == "darts":
+        model: nn.Module = _Forecaster()
+        batch: tuple = (torch.randn(32, 48, 1), torch.randn(32, 48, 1))
+        return model, batch, torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = _LanguageModel()
+    batch = (torch.randint(0, 1000, (32, 64)),)
+    return model, batch, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+STEP_ROWS = [
+    ("darts RNNModel shape (LSTM 1x25, T 48, B 32)", "darts", 3.0),
+    ("reference LM (emb 64, LSTM 2x256, T 64, B 32)", "lm", 2.0),
+]
+
+
+def measure_steps(name: str, rounds: int) -> tuple[float, float]:
+    """Median plain step time and the median ratio (traced step / plain step) over rounds,
+    each traced step compared with the plain steps either side of it."""
+    model, batch, opt = _model_setup(name)
+
+    def plain() -> None:
+        opt.zero_grad(set_to_none=True)
+        model.loss(batch).backward()
+        opt.step()
+
+    def traced() -> None:
+        opt.zero_grad(set_to_none=True)
+        with gradwatch.trace(model) as tr:
+            model.loss(batch).backward()
+        tr.report()
+        opt.step()
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    for _ in range(3):  # warm-up
+        plain()
+        traced()
+    ratios, bases = [], []
+    before = timed(plain)
+    for _ in range(rounds):
+        cost = timed(traced)
+        after = timed(plain)
+        bases.append(before)
+        ratios.append(cost / ((before + after) / 2))
+        before = after
+    return statistics.median(bases), statistics.median(ratios)
+
+
+def step_table(rounds: int) -> None:
+    print("| model | plain step (ms) | capture adds (ms) | with capture / plain | target |")
+    print("|---|---|---|---|---|")
+    for label, name, target in STEP_ROWS:
+        base, ratio = measure_steps(name, rounds)
+        extra = (ratio - 1) * base * 1e3
+        print(f"| {label} | {base * 1e3:.1f} | {extra:.1f} | {ratio:.2f} | {target:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="the training-step table only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds, medians")
+    rounds = 5 if args.quick else args.rounds
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {rounds} rounds, medians")
+    step_table(rounds if args.quick else max(rounds, 20))
+    if args.quick:
+        return
+    print()
     print(f"| {'module':<16} | T   | B  | fwd+bwd (ms) | capture / fwd+bwd | + diagnostics |")
     print(f"|{'-' * 18}|-----|----|--------------|-------------------|---------------|")
     for label, factory, steps, batch in CONFIGS:

@@ -41,7 +41,9 @@ def _device_quantities(raw: RawCapture, options: QuantityOptions) -> dict[str, T
         return stepwise_quantities(raw.stats)
     if not (options.propagation or options.causes):
         return {}
-    q = fused_quantities(rec.layers, rec.valid, rec.lengths, raw.stats, rec.keys, options)
+    q = fused_quantities(
+        rec.layers, rec.valid, rec.lengths, raw.stats, rec.keys, options, rec.walked
+    )
     if rec.deviation is not None:
         q["deviation"] = rec.deviation.reshape(())
     return q

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradwatch._capture.probes import BLOCK, fused_logs, renormalise
 from gradwatch._capture.recurrences import (
+    PACKED_ABOVE,
     BackwardResult,
     LayerWeights,
     Recurrence,
@@ -14,7 +16,12 @@ from gradwatch._capture.recurrences import (
     tanh,
 )
 
-__all__ = ["LSTMRecurrence"]
+__all__ = ["BUFFERED_ABOVE", "LSTMRecurrence"]
+
+# Above this size of the walk's pre-activation gradients (bytes), a walk without probes (a large
+# call's, see `gradwatch._capture.layered`) writes into whole-sequence buffers over the spent
+# coefficients instead of stacking per-step results.
+BUFFERED_ABOVE = 4 * 2**20
 
 
 class LSTMRecurrence(Recurrence):
@@ -48,18 +55,15 @@ class LSTMRecurrence(Recurrence):
         T, B, H = x.shape[0], x.shape[1], self.hidden_size
         self.steps = T
         w_hr_t = None if self.w.w_hr is None else self.w.w_hr.t()
-        acts = xp.new_empty(T, B, 4 * H)  # o, i, f (sigmoid) and g (tanh)
+        acts = xp  # o, i, f (sigmoid) and g (tanh), computed over the input projections
         tanh_c, cells = xp.new_empty(T, B, H), xp.new_empty(T, B, H)
         outs = xp.new_empty(T, B, h0.shape[-1])
         h, c = h0, c0
-        xp_t, acts_t, cells_t, tanh_c_t, outs_t = (
-            z.unbind() for z in (xp, acts, cells, tanh_c, outs)
-        )
+        acts_t, cells_t, tanh_c_t, outs_t = (z.unbind() for z in (acts, cells, tanh_c, outs))
         for t in self.order(T):
-            a = self._from_state(h).add_(xp_t[t])
-            at = acts_t[t]
-            torch.sigmoid(a[:, : 3 * H], out=at[:, : 3 * H])
-            tanh(a[:, 3 * H :], out=at[:, 3 * H :])
+            at = acts_t[t].add_(self._from_state(h))
+            at[:, : 3 * H].sigmoid_()
+            tanh(at[:, 3 * H :], out=at[:, 3 * H :])
             o, i, f, g = at[:, :H], at[:, H : 2 * H], at[:, 2 * H : 3 * H], at[:, 3 * H :]
             if valid is None:  # write straight into the trajectory buffers
                 c = torch.addcmul(f * c, i, g, out=cells_t[t])
@@ -95,9 +99,11 @@ class LSTMRecurrence(Recurrence):
         self._acts, self._f = acts, f
         one = acts.new_ones(())
         self._k_c = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)  # dc += dm * k_c
-        k_o = tanh_c * o
-        self._k_o = torch.addcmul(k_o, k_o, o, value=-1)  # d(pre-activation of o) = dm * k_o
-        k = acts.new_empty(*acts.shape[:-1], 3 * H)
+        # one buffer in gate order (o, i, f, g): d(pre-activations) = [dm, dc, dc, dc] * k
+        k_all = acts.new_empty(*acts.shape[:-1], 4 * H)
+        k_o = torch.mul(tanh_c, o, out=k_all[..., :H])
+        self._k_o = torch.addcmul(k_o, k_o, o, value=-1, out=k_o)  # o * (1 - o) * tanh(c)
+        k = k_all[..., H:]
         k_i, k_f, k_g = k[..., :H], k[..., H : 2 * H], k[..., 2 * H :]
         torch.addcmul(i, i, i, value=-1, out=k_i).mul_(g)  # g * i * (1 - i)
         torch.addcmul(f, f, f, value=-1, out=k_f)  # f * (1 - f), times c_(t-1) below
@@ -113,7 +119,7 @@ class LSTMRecurrence(Recurrence):
             k_f[rest].mul_(cells[1:] if self.reverse else cells[:-1])
             k_f[first].mul_(c0)
         torch.addcmul(one, g, g, value=-1, out=k_g).mul_(i)  # i * (1 - g^2)
-        self._k_ifg = k
+        self._k_ifg, self._k = k, k_all
 
     def from_states(self, x, h_prev, c_prev):
         H = self.hidden_size
@@ -159,56 +165,129 @@ class LSTMRecurrence(Recurrence):
         return outs, c.new_empty(0) if T == 0 else outs[self.order(T)[-1]], c
 
     def step_back(self, t, dh, dc, valid):
+        if getattr(self, "_spent", False):
+            raise RuntimeError("the trajectory was spent by a buffered backward walk")
         H = self.hidden_size
-        dm = dh if self.w.w_hr is None else torch.mm(dh, self.w.w_hr)
+        dm = dh if self.w.w_hr is None else torch.matmul(dh, self.w.w_hr)
         dc_total = torch.addcmul(dc, dm, self._k_c[t])
-        d_a = dm.new_empty(dm.shape[0], 4 * H)
-        torch.mul(dm, self._k_o[t], out=d_a[:, :H])
-        d_ifg = d_a[:, H:].view(-1, 3, H)
-        torch.mul(dc_total.unsqueeze(1), self._k_ifg[t].view(-1, 3, H), out=d_ifg)
+        d_a = dm.new_empty(*dm.shape[:-1], 4 * H)
+        torch.mul(dm, self._k_o[t], out=d_a[..., :H])
+        d_ifg = d_a[..., H:].unflatten(-1, (3, H))
+        torch.mul(dc_total.unsqueeze(-2), self._k_ifg[t].unflatten(-1, (3, H)), out=d_ifg)
         d_a = _zero_invalid(valid, t, d_a)
         dc_prev = _zero_invalid(valid, t, dc_total * self._f[t])
         return d_a, self._to_state(d_a), dc_prev, dc_total
 
-    def backward(self, direct, dh_n, dc_n, last, valid, input_grad=True):
+    def backward(self, direct, dh_n, dc_n, last, valid, input_grad=True, probes=None):
         if valid is not None or self.w.w_hr is not None:
-            return super().backward(direct, dh_n, dc_n, last, valid, input_grad)
-        # Every sequence covers every step: the generic walk with each step's results
-        # written straight into whole-sequence buffers, and per-step views taken once
-        # (``unbind``) rather than indexed step by step: at small sizes the replay is bound
-        # by the number of operations, not by arithmetic.
+            return super().backward(direct, dh_n, dc_n, last, valid, input_grad, probes)
+        # Every sequence covers every step. At small sizes the walk is bound by the number
+        # of Python-level operations per step (each op and each tensor view costs about as
+        # much as the arithmetic), so the loop takes as few as possible: fresh per-step results
+        # stacked once at the end, one coefficient view per factor. Probe rounds are a
+        # leading dimension ``[1 + R, B, *]`` the coefficients broadcast over.
+        T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
+        if probes is None and direct.numel() * 4 * direct.element_size() > BUFFERED_ABOVE:
+            return self._backward_buffered(direct, dh_n, dc_n, last, input_grad)
+        if dh_n is not None:
+            direct = direct + last * dh_n
+        visit = list(reversed(self.order(T)))
+        dc = dc_n if dc_n is not None else direct.new_zeros(B, H)
+        fused = probes is not None and T > 0
+        if fused:
+            assert probes is not None
+            full = direct.new_zeros(T, 1 + probes[0].shape[0], B, direct.shape[2])
+            full[:, 0] = direct
+            full[visit[0], 1:] = probes[0]
+            direct = full
+            dc = torch.cat([dc.unsqueeze(0), probes[1]])
+        direct_t, k_c_t, k_t, f_t = (x.unbind() for x in (direct, self._k_c, self._k, self._f))
+        w = self.w.w_hh
+        packed = w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= PACKED_ABOVE
+        lead, width = direct.shape[1:-1], direct.shape[-1]
+        carry_h = direct.new_zeros(*lead, width)
+        total_h, carried_h, total_c, carried_c, d_as = ([] for _ in range(5))
+        log_scale = None
+        if fused:
+            log_scale = direct.new_zeros(T, lead[0] - 1, B, dtype=torch.float64)
+        for n, t in enumerate(visit):
+            carried_h.append(carry_h)
+            carried_c.append(dc)  # the first one: the final-state gradient (direct, below)
+            dh = torch.add(direct_t[t], carry_h)
+            dct = torch.addcmul(dc, dh, k_c_t[t])
+            d_a = torch.cat([dh, dct, dct, dct], dim=-1).mul_(k_t[t])
+            total_h.append(dh)
+            total_c.append(dct)
+            if input_grad:  # the data rows only
+                d_as.append(d_a[0] if fused else d_a)
+            if n + 1 < T:
+                dc = torch.mul(dct, f_t[t])
+                carry_h = self._to_state(d_a) if packed or fused else torch.mm(d_a, w)
+                if log_scale is not None and (n + 1) % BLOCK == 0:
+                    renormalise([carry_h[1:], dc[1:]], log_scale[n + 1])
+        lists = [total_h, carried_h, total_c, carried_c, d_as]
+        return self._assemble(visit, direct, lists, fused, log_scale, last)
+
+    def _backward_buffered(self, direct, dh_n, dc_n, last, input_grad):
+        """The same walk for large calls: results written into whole-sequence buffers (no
+        per-step tensors stacked afterwards, which would hold everything twice), and the
+        cell-state and pre-activation gradients written over coefficients already used."""
         T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
         if dh_n is not None:
             direct = direct + last * dh_n
-        total_h = torch.empty_like(direct)
-        total_c, carried_c = direct.new_empty(T, B, H), direct.new_empty(T, B, H)
-        d_a = direct.new_empty(T, B, 4 * H)
-        d_a_o, d_a_ifg = d_a[..., :H].unbind(), d_a[..., H:].view(T, B, 3, H).unbind()
-        k_c, k_o, f = self._k_c.unbind(), self._k_o.unbind(), self._f.unbind()
-        k_ifg = self._k_ifg.view(T, B, 3, H).unbind()
-        direct_t, total_h_t, total_c_t = direct.unbind(), total_h.unbind(), total_c.unbind()
-        carried_c_t = carried_c.unbind()
         visit = list(reversed(self.order(T)))
-        carried_h: list[Tensor] = [direct.new_empty(0)] * T
-        carry_h = direct.new_zeros(B, direct.shape[2])
-        if T:  # nothing arrives at the last step from beyond it
+        total_h, carried_h = torch.empty_like(direct), torch.empty_like(direct)
+        # c_t's total gradient overwrites k_c[t] and d(pre-activations) overwrites k[t] once
+        # step t is done: the trajectory is then spent (`drop_trajectory` follows)
+        total_c, d_a, carried_c = self._k_c, self._k, direct.new_empty(T, B, H)
+        k_c, k_t, f = self._k_c.unbind(), self._k.unbind(), self._f.unbind()
+        k_o, k_ifg = self._k_o.unbind(), self._k_ifg.unflatten(-1, (3, H)).unbind()
+        direct_t, total_h_t, carried_h_t = direct.unbind(), total_h.unbind(), carried_h.unbind()
+        carried_c_t = carried_c.unbind()
+        into = self._to_state_into()
+        if T:
             carried_c_t[visit[0]].zero_()
+            carried_h_t[visit[0]].zero_()
         for n, t in enumerate(visit):
-            carried_h[t] = carry_h
-            dh = torch.add(direct_t[t], carry_h, out=total_h_t[t])
-            # the final cell-state gradient enters at the first visited step (the last one)
+            dh = torch.add(direct_t[t], carried_h_t[t], out=total_h_t[t])
             dc = dc_n if n == 0 and dc_n is not None else carried_c_t[t]
-            dc_total = torch.addcmul(dc, dh, k_c[t], out=total_c_t[t])
-            torch.mul(dh, k_o[t], out=d_a_o[t])
-            torch.mul(dc_total.unsqueeze(1), k_ifg[t], out=d_a_ifg[t])
+            dct = torch.addcmul(dc, dh, k_c[t], out=k_c[t])  # k_c[t] is read before written
+            k_o[t].mul_(dh)
+            k_ifg[t].mul_(dct.unsqueeze(-2))
             if n + 1 < T:
-                torch.mul(dc_total, f[t], out=carried_c_t[visit[n + 1]])
-                carry_h = self._to_state(d_a[t])
-        grad_input = None
+                nxt = visit[n + 1]
+                torch.mul(dct, f[t], out=carried_c_t[nxt])
+                into(k_t[t], carried_h_t[nxt])
+        self._spent = True
+        res = BackwardResult(total_h, direct, carried_h, carried_c, total_c, None)
         if input_grad:
-            grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
-        stacked = torch.stack(carried_h) if T else torch.empty_like(direct)
-        return BackwardResult(total_h, direct, stacked, carried_c, total_c, grad_input)
+            res.grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
+        return res
+
+    def _assemble(self, visit, direct, lists, fused, log_scale, last):
+        """Stack the per-step results in time order and split the data from the probes."""
+        T, H = len(visit), self.hidden_size
+        if not T:
+            B = direct.shape[1]
+            empty = direct.new_empty(0, B, direct.shape[-1])
+            cells = direct.new_empty(0, B, H)
+            return BackwardResult(empty, direct, empty, cells, cells, None)
+        order = slice(None, None, -1) if not self.reverse else slice(None)
+        total_h, carried_h, total_c, carried_c = (torch.stack(x[order]) for x in lists[:4])
+        data = (lambda x: x[:, 0]) if fused else (lambda x: x)
+        data(carried_c)[visit[0]] = 0  # the final-state gradient is direct, not carried
+        res = BackwardResult(
+            data(total_h), data(direct), data(carried_h), data(carried_c), data(total_c), None
+        )
+        if log_scale is not None:
+            parts = [total_h[:, 1:], carried_c[:, 1:]]
+            starts = last[..., 0] > 0
+            res.probe_logs, res.probe_ok = fused_logs(parts, log_scale, self.reverse, None, starts)
+        if lists[4]:
+            d_a = torch.stack(lists[4][order])
+            B = d_a.shape[1]
+            res.grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
+        return res
 
     # rows are in (o, i, f, g) order here
     def candidate_block(self):

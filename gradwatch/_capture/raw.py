@@ -88,6 +88,9 @@ class Recurrences:
     which key the warm start of the power iterations (weakly held). When the trajectory was
     recomputed rather than observed, ``deviation`` (a device scalar) is how far the recomputed
     outputs are from the recorded ones: above ``tolerance`` the analysis does not trust it.
+    ``walked`` holds, where the capture already walked unit probes back through a layer
+    (`gradwatch._capture.probes`: the fused replay does it alongside its own backward walk),
+    their log norms ``[R, T, B]``; the analysis then summarises them instead of walking.
     """
 
     layers: dict[tuple[int, int], Walkable]
@@ -96,6 +99,7 @@ class Recurrences:
     keys: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     deviation: Tensor | None = None
     tolerance: float = math.inf
+    walked: dict[tuple[int, int], Tensor] = field(default_factory=dict)
 
 
 @dataclass

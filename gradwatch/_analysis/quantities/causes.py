@@ -35,6 +35,16 @@ SATURATED_DERIVATIVE = 0.1  # tanh units with f' below this (|h| > 0.95) count a
 GATE_LOW, GATE_HIGH = 0.1, 0.9  # gate values outside [0.1, 0.9] count as saturated
 
 _NORM_ITERS, _RADIUS_ITERS = 24, 64
+# Small weights on the CPU: an exact decomposition costs less than the power iterations
+# (measured: 47 us for the norm and 76 us for the radius at hidden size 25, against ~1.3 ms
+# for the 88 iterations; equal near 64). Elsewhere a decomposition would synchronise.
+_EXACT_UP_TO = 4 * 64 * 64
+
+
+def _exact(w: Tensor) -> bool:
+    return w.device.type == "cpu" and w.numel() <= _EXACT_UP_TO and bool(w.isfinite().all())
+
+
 # Power-iteration vectors from the previous report, per weight tensor (weakly held).
 _warm: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -55,7 +65,10 @@ def _remember(key: Tensor | None, slot: str, v: Tensor) -> None:
 
 def spectral_norm(w: Tensor, key: Tensor | None = None, iters: int = _NORM_ITERS) -> Tensor:
     """Largest singular value of ``w`` by power iteration on ``w^T w`` (a lower bound that
-    converges from below; warm-started from the last call for the same ``key``)."""
+    converges from below; warm-started from the last call for the same ``key``); exact for
+    small matrices on the CPU."""
+    if _exact(w):
+        return torch.linalg.matrix_norm(w, 2)
     v = _start(w, key, "norm", w.shape[1])
     v = v / v.norm().clamp(min=1e-30)
     u = w @ v
@@ -70,20 +83,21 @@ def spectral_norm(w: Tensor, key: Tensor | None = None, iters: int = _NORM_ITERS
 def spectral_radius(w: Tensor, key: Tensor | None = None, iters: int = _RADIUS_ITERS) -> Tensor:
     """Largest eigenvalue modulus of a square ``w``, from the growth rate of ``w^k v``
     (Gelfand's formula): the mean log growth over the second half of the iterations, which
-    also handles a complex-conjugate dominant pair where plain power iteration oscillates."""
+    also handles a complex-conjugate dominant pair where plain power iteration oscillates;
+    exact (eigenvalues) for small matrices on the CPU."""
+    if _exact(w):
+        return torch.linalg.eigvals(w).abs().max().to(w.dtype)
     v = _start(w, key, "radius", w.shape[0])
     v = v / v.norm().clamp(min=1e-30)
-    total = torch.zeros((), dtype=torch.float64, device=w.device)
-    counted = 0
-    for i in range(iters):
+    norms = []
+    for _ in range(iters):
         v = w @ v
         n = v.norm()
-        if i >= iters // 2:
-            total = total + n.double().log()
-            counted += 1
+        norms.append(n)
         v = v / n.clamp(min=1e-30)
     _remember(key, "radius", v)
-    return (total / counted).exp().to(w.dtype)
+    growth = torch.stack(norms[iters // 2 :]).double().log().mean()
+    return growth.exp().to(w.dtype)
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -96,7 +110,10 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def trajectory_causes(rec: Walkable, valid: Tensor | None, steps: Tensor) -> dict[str, Tensor]:
-    """Scalar device tensors for one layer/direction, from the trajectory at ``steps``."""
+    """Scalar device tensors for one layer/direction, from the trajectory at ``steps``.
+
+    The gates are summarised together (one stacked tensor, a few whole-tensor operations):
+    at small sizes each operation costs more than its arithmetic."""
     samples = rec.trajectory(steps)
     mask = None if valid is None else valid[steps]
     out = {}
@@ -106,12 +123,24 @@ def trajectory_causes(rec: Walkable, valid: Tensor | None, steps: Tensor) -> dic
         out["saturation"] = masked_mean(deriv == 0, mask)
     else:
         out["saturation"] = masked_mean(deriv < SATURATED_DERIVATIVE, mask)
-    for gate, values in samples.items():
-        out[f"gate_mean/{gate}"] = masked_mean(values, mask)
-        out[f"gate_saturation/{gate}"] = masked_mean(
-            (values < GATE_LOW) | (values > GATE_HIGH), mask
-        )
+    if samples:
+        names = list(samples)
+        gates = torch.stack([samples[g] for g in names])  # [G, S, B, H]
+        means = _masked_means(gates, mask)
+        saturated = _masked_means((gates < GATE_LOW) | (gates > GATE_HIGH), mask)
+        for i, gate in enumerate(names):
+            out[f"gate_mean/{gate}"] = means[i]
+            out[f"gate_saturation/{gate}"] = saturated[i]
     return out
+
+
+def _masked_means(x: Tensor, mask: Tensor | None) -> Tensor:
+    """`masked_mean` of each ``x[g]`` ([G, S, B, H] -> [G]), in float64."""
+    x = x.double()
+    if mask is None:
+        return x.mean(dim=(1, 2, 3))
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(dim=(1, 2, 3)) / (m.sum() * x.shape[-1]).clamp(min=1)
 
 
 def weight_causes(rec: Walkable, key: Tensor | None = None) -> dict[str, Tensor]:

@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from gradwatch._analysis.quantities.causes import sampled_steps, trajectory_causes, weight_causes
-from gradwatch._analysis.quantities.propagation import HORIZON_LEVEL, actual_gain, propagate
+from gradwatch._analysis.quantities.propagation import (
+    HORIZON_LEVEL,
+    actual_gain,
+    from_walk,
+    propagate,
+)
 from gradwatch._capture.raw import Walkable
 
 __all__ = [
@@ -40,12 +45,8 @@ def to_host(values: dict[str, Tensor]) -> dict[str, Tensor]:
         return {}
     keys = list(values)
     flat = torch.cat([values[k].detach().reshape(-1).to(torch.float64) for k in keys]).cpu()
-    out, i = {}, 0
-    for k in keys:
-        n = values[k].numel()
-        out[k] = flat[i : i + n].view(values[k].shape).to(torch.float32)
-        i += n
-    return out
+    parts = flat.to(torch.float32).split([values[k].numel() for k in keys])
+    return {k: p.view(values[k].shape) for k, p in zip(keys, parts, strict=True)}
 
 
 def _grid(
@@ -53,13 +54,16 @@ def _grid(
 ) -> dict[str, Tensor]:
     """{(l, d): {name: scalar or [T]}} -> {name: [L, D] or [L, D, T]} (device tensors)."""
     names = list(dict.fromkeys(k for v in items.values() for k in v))
+    order = [(layer, d) for layer in range(layers) for d in range(dirs)]
     out = {}
     for name in names:
-        rows = []
-        for layer in range(layers):
-            row = [items[layer, d][name].to(torch.float64) for d in range(dirs)]
-            rows.append(torch.stack(row))
-        out[name] = torch.stack(rows)
+        cells = [items[key][name] for key in order]
+        if len(cells) == 1:
+            one = cells[0].to(torch.float64)
+            out[name] = one.reshape(1, 1, *one.shape)
+            continue
+        stacked = torch.stack([c.to(torch.float64) for c in cells])
+        out[name] = stacked.view(layers, dirs, *stacked.shape[1:])
     return out
 
 
@@ -70,11 +74,14 @@ def fused_quantities(
     stats: dict[str, Tensor],
     keys: dict[tuple[int, int], Tensor],
     options: QuantityOptions = QuantityOptions(),
+    walked: dict[tuple[int, int], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Propagation, summary numbers and causes of every layer/direction of a recorded call.
 
     ``stats`` are the per-step statistics (device ``[L, D, T]``) of the capture, ``keys`` the
-    module's recurrent weight parameters (warm-start keys for the power iterations).
+    module's recurrent weight parameters (warm-start keys for the power iterations),
+    ``walked`` the probes the capture already walked back (``[R, T, B]`` log norms per
+    layer/direction; the others are walked here).
     Returns device tensors (see `to_host`): ``propagation`` ``[L, D, T]`` (log10),
     and ``[L, D]`` tensors ``gain``, ``horizon``, ``efold``, ``log10_attenuation``,
     ``actual_gain`` and the cause fields (``weight_norm``, ..., ``gate_mean/<gate>``, ...).
@@ -93,7 +100,11 @@ def fused_quantities(
         carried = stats["carried"][layer, d]
         values = {"actual_gain": actual_gain(carried, state_total[layer, d], rec.reverse)}
         if options.propagation and steps:
-            prop = propagate(rec, valid, lengths, rec.state_sizes)
+            logs = None if walked is None else walked.get((layer, d))
+            if logs is not None:
+                prop = from_walk(logs, rec.reverse, lengths)
+            else:
+                prop = propagate(rec, valid, lengths, rec.state_sizes)
             values.update(
                 gain=prop.gain,
                 horizon=prop.horizon,

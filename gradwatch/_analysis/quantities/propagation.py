@@ -29,13 +29,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradwatch._capture.probes import MIN_PROBES, PROBE_SEED, last_steps, unit_probes, walk
 from gradwatch._capture.raw import Walkable
 
-__all__ = ["Propagation", "actual_gain", "propagate", "summarise"]
+__all__ = ["Propagation", "actual_gain", "from_walk", "propagate", "summarise"]
 
 HORIZON_LEVEL = 0.01  # "falls below 1% of its start"
-_PROBE_SEED = 0x6A0D  # fixed: the probe directions must not consume the global RNG
-_MIN_PROBES = 8  # at least this many probe vectors in all (samples x rounds)
+_PROBE_SEED = PROBE_SEED  # the probes are drawn by capture (`gradwatch._capture.probes`)
+_MIN_PROBES = MIN_PROBES
 
 
 @dataclass
@@ -49,88 +50,33 @@ class Propagation:
     log_attenuation: Tensor  # [] mean over samples of log a over the whole sequence
 
 
-def _walk(rec: Walkable, valid: Tensor | None, last: Tensor, probe: list[Tensor]) -> Tensor:
-    """log ||v|| at every state ``h_t`` (``[T, B]``), the probe injected where ``last``."""
-    if valid is None:
-        return _walk_full(rec, probe)
-    steps = rec.steps
-    valid3 = None if valid is None else valid.unsqueeze(-1)
-    acc = probe[0].new_zeros(probe[0].shape[0], dtype=torch.float64)
-    v = [torch.zeros_like(p) for p in probe]
-    logs = acc.new_empty(steps, acc.shape[0])
-    for t in reversed(rec.order(steps)):
-        start = last[t]
-        v = [torch.where(start.unsqueeze(-1), p, x) for p, x in zip(probe, v, strict=True)]
-        acc = torch.where(start, torch.zeros_like(acc), acc)
-        logs[t] = acc
-        dc = v[1] if len(v) > 1 else None
-        _, dh_prev, dc_prev, _ = rec.step_back(t, v[0], dc, valid3)
-        new = [dh_prev] if dc_prev is None else [dh_prev, dc_prev]
-        sq = sum(x.double().square().sum(-1) for x in new)
-        norm = sq.sqrt()
-        active = torch.ones_like(start) if valid is None else valid[t]
-        acc = torch.where(active, acc + norm.log(), acc)
-        scale = torch.where(norm > 0, norm, torch.ones_like(norm)).to(new[0].dtype).unsqueeze(-1)
-        v = [
-            torch.where(active.unsqueeze(-1), x / scale, old) for x, old in zip(new, v, strict=True)
-        ]
-    return logs
-
-
-def _walk_full(rec: Walkable, probe: list[Tensor]) -> Tensor:
-    """`_walk` when every sequence covers every step: all probes start at the first
-    visited step, so no masking is needed; the per-step log norms are summed afterwards."""
-    steps = rec.steps
-    visit = list(reversed(rec.order(steps)))
-    log_norms = probe[0].new_zeros(steps, probe[0].shape[0], dtype=torch.float64)
-    v = list(probe)
-    tiny = torch.finfo(v[0].dtype).tiny
-    for n, t in enumerate(visit[:-1]):
-        _, dh_prev, dc_prev, _ = rec.step_back(t, v[0], v[1] if len(v) > 1 else None, None)
-        new = [dh_prev] if dc_prev is None else [dh_prev, dc_prev]
-        norms = [torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64) for x in new]
-        norm = norms[0] if len(norms) == 1 else torch.hypot(norms[0], norms[1])
-        torch.log(norm, out=log_norms[n + 1])
-        scale = norm.to(new[0].dtype).clamp_(min=tiny).unsqueeze(-1)
-        v = [x / scale for x in new]
-    cumulative = log_norms.cumsum(0)  # in visiting order: log a(k) at visit[k]
-    logs = torch.empty_like(cumulative)
-    logs[torch.tensor(visit, device=logs.device)] = cumulative
-    return logs
-
-
 def propagate(
     rec: Walkable, valid: Tensor | None, lengths: Tensor, state_sizes: tuple[int, ...]
 ) -> Propagation:
-    """Propagation curve and summary numbers of one replayed layer/direction.
+    """Propagation curve and summary numbers of one recorded layer/direction, walking it.
 
     ``valid`` is the ``[T, B]`` mask (``None``: all valid), ``lengths`` the ``[B]`` sequence
     lengths, ``state_sizes`` the widths of the state parts (``(P,)``, or ``(P, H)`` for LSTM).
     """
-    steps = rec.steps
     device, dtype = rec.weight.device, rec.weight.dtype
-    batch = lengths.numel()
     lengths = lengths.to(device)
-    time = torch.arange(steps, device=device).unsqueeze(1)
-    # the state each sequence ends on, in processing order, and the index of k steps back
-    if rec.reverse:
-        last = time == 0
-        index = time.expand(steps, batch)
-    else:
-        last = time == (lengths - 1).unsqueeze(0)
-        index = (lengths.unsqueeze(0) - 1 - time).clamp(min=0)
+    probes = unit_probes(lengths.numel(), state_sizes, device, dtype)
+    logs = walk(rec, valid, last_steps(rec.reverse, lengths, rec.steps), probes)
+    return from_walk(logs, rec.reverse, lengths)
+
+
+def from_walk(logs: Tensor, reverse: bool, lengths: Tensor) -> Propagation:
+    """Propagation from walked probes: ``logs`` ``[R, T, B]``, the log norm at every state
+    (`gradwatch._capture.probes`), ``lengths`` the ``[B]`` sequence lengths."""
+    steps, batch = logs.shape[1], logs.shape[2]
+    lengths = lengths.to(logs.device)
+    time = torch.arange(steps, device=logs.device).unsqueeze(1)
+    # the index of the state k steps back from each sequence's end, in processing order
+    back = (lengths.unsqueeze(0) - 1 - time).clamp(min=0)
+    index = time.expand(steps, batch) if reverse else back
     reach = time < lengths.unsqueeze(0)  # [K, B]: sample b reaches k steps back
-    gen = torch.Generator().manual_seed(_PROBE_SEED)
-    rounds = max(1, math.ceil(_MIN_PROBES / batch))
-    per_sample = []
-    for _ in range(rounds):
-        parts = [torch.randn(batch, n, generator=gen, dtype=torch.float64) for n in state_sizes]
-        norm = torch.cat(parts, dim=1).norm(dim=1, keepdim=True)
-        probe = [(p / norm).to(device=device, dtype=dtype) for p in parts]
-        logs = _walk(rec, valid, last, probe)
-        per_sample.append(torch.gather(logs, 0, index))  # [K, B]: log a_b(k)
-    log_a = torch.stack(per_sample).mean(0)
-    return summarise(log_a, reach, lengths)
+    per_sample = torch.gather(logs, 1, index.unsqueeze(0).expand(logs.shape[0], -1, -1))
+    return summarise(per_sample.mean(0), reach, lengths)
 
 
 def summarise(log_a: Tensor, reach: Tensor, lengths: Tensor) -> Propagation:

@@ -45,9 +45,10 @@ def _weight_keys(mod: nn.RNNBase) -> dict[tuple[int, int], Tensor]:
     return keys
 
 
-def capture_call(call: FusedCall) -> RawCapture:
-    """Replay one recorded call: its per-step statistics and the replayed recurrence."""
-    rep = replay(call)
+def capture_call(call: FusedCall, probes: bool = True) -> RawCapture:
+    """Replay one recorded call: its per-step statistics and the replayed recurrence, with
+    unit probes walked back alongside (``probes``; the raw data of the propagation)."""
+    rep = replay(call, probes=probes)
     mod = call.module
     reasons = []
     if call.dropout_active:
@@ -80,7 +81,9 @@ def capture_call(call: FusedCall) -> RawCapture:
         # an empty batch (a routing step that sent no sample here) has no trajectory to walk
         recurrences=None
         if rep.lengths.numel() == 0
-        else Recurrences(dict(rep.recurrences), rep.valid, rep.lengths, _weight_keys(mod)),
+        else Recurrences(
+            dict(rep.recurrences), rep.valid, rep.lengths, _weight_keys(mod), walked=rep.walked
+        ),
     )
 
 
