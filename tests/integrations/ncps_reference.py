@@ -73,3 +73,18 @@ def cfc_stats(taps: list[dict]) -> dict[str, Tensor]:
         rec = torch.stack([norm(v) for v in tap["rec"]])
         rows["carried"].append(rec.square().sum(0).sqrt().mean())
     return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def unroll_cell(cell, x: Tensor, state_size: int) -> list[dict]:
+    """Any ncps cell ``(y_t, h_t) = cell(x_t, h_{t-1}, 1.0)`` unrolled over ``x`` [B, T, F],
+    with the taps of `cfc_stats` (``"y"``: the step's output, computed from the direct view)."""
+    h = torch.zeros(x.shape[0], state_size, dtype=x.dtype)
+    taps = []
+    for t in range(x.shape[1]):
+        _, h_new = cell(x[:, t], h, 1.0)
+        h_new.retain_grad()
+        tap = {"h": h_new, "out": _view(h_new), "rec": [_view(h_new)]}
+        tap["y"] = cell._map_outputs(tap["out"])
+        taps.append(tap)
+        h = tap["rec"][0]
+    return taps

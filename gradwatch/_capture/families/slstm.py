@@ -22,6 +22,7 @@ estimated from the measured per-step factor, as for `mark_state`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -185,10 +186,9 @@ def _cell_node(state: Any) -> tuple[Any, int]:
 
 def _guarded(fn: Any) -> Any:
     def hook(*args: Any) -> None:
-        try:
+        # monitoring must never crash training: on an error the step reads zero
+        with contextlib.suppress(Exception):
             fn(*args)
-        except Exception:  # monitoring must never crash training: the step reads zero
-            pass
 
     return hook
 
