@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LOOKS_FOR", "check_scan_args", "recogniser"]
+__all__ = ["LOOKS_FOR", "check_lengths", "check_scan_args", "recogniser"]
 
 Record = Callable[..., None]
 
@@ -69,6 +69,26 @@ def check_scan_args(
                 f"as u/h {tuple(ref.shape)} and broadcast to it (size 1 where it is shared)"
             )
     return ref.shape, time_dim % ref.dim()
+
+
+def check_lengths(name: str, lengths: Tensor | None, batch: int) -> None:
+    """Validate the ``lengths`` of a `gradwatch.mark_scan` declaration (shape and dtype only:
+    reading its values would synchronise a device)."""
+    if lengths is None:
+        return
+    where = f"gradwatch.mark_scan({name!r})"
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"{where}: lengths must be a tensor, got {type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(
+            f"{where}: lengths must hold integers (steps per sample), got {lengths.dtype}; "
+            "from a padding mask, pass mask.sum(1)"
+        )
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(
+            f"{where}: lengths must be [B] = [{batch}] (one length per sample), "
+            f"got {tuple(lengths.shape)}"
+        )
 
 
 def _broadcasts(x: Tensor, ref: Tensor) -> bool:
