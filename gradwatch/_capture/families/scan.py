@@ -223,7 +223,12 @@ class ScanFamily(Family):
         def failed(why: str) -> None:
             recorder.fail(name, why, keep_first=True)
 
-        return rec.hook(module, lambda: recorder.capturing, record, failed)
+        def step(h: Tensor) -> None:  # one step of a step-by-step call (minGRU's sequential mode)
+            from gradwatch._capture.families.marked import MARKED
+
+            MARKED.mark(recorder, name, h)
+
+        return rec.hook(module, lambda: recorder.capturing, record, failed, step)
 
     def record(
         self,
