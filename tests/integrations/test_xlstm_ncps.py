@@ -250,3 +250,26 @@ def test_ncps_ltc_declared_with_mark_state_as_documented(tmp_path):
 
     taps = _reference(initial, {"body": unrolled}, batch)
     _compare(mr, ncps_ref.cfc_stats(taps["body"]))
+
+
+@pytest.mark.parametrize(
+    ("marker", "name", "watched"),
+    [
+        ("xlstm-config", "body", {"blocks.0.xlstm.slstm_cell", "blocks.1.xlstm.slstm_cell"}),
+        ("ncps-cfc", "rnn", {"CfC"}),  # the root module is named by its class
+    ],
+)
+def test_docs_snippets_build_watched_modules(marker, name, watched):
+    """The construction snippets of docs/integrations.md, run as written: what they build is
+    found with no change to user code and reported exactly."""
+    namespace: dict = {"in_features": 4}
+    exec(compile(_docs_snippet(marker), str(DOCS), "exec"), namespace)
+    module = namespace[name]
+    width = 32 if marker == "xlstm-config" else 4
+    x = torch.randn(2, 64 if marker == "xlstm-config" else 5, width)
+    with gradwatch.trace(module) as tr:
+        y = module(x)
+        (y[0] if isinstance(y, tuple) else y).square().sum().backward()
+    report = tr.report()
+    assert set(report) == watched and not report.failures
+    assert all(mr.exact and mr.received_gradient for mr in report.values())
