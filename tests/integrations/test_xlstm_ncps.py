@@ -273,3 +273,32 @@ def test_docs_snippets_build_watched_modules(marker, name, watched):
     report = tr.report()
     assert set(report) == watched and not report.failures
     assert all(mr.exact and mr.received_gradient for mr in report.values())
+
+
+@pytest.mark.parametrize("package", ["xlstm", "ncps"])
+def test_training_is_bit_identical_with_and_without_gradwatch(package):
+    """The hooks only read: every parameter gradient of a few training steps is bitwise the
+    same with and without a capture."""
+    from ncps.torch import CfC
+
+    def grads(watch: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        body = _xlstm_stack() if package == "xlstm" else CfC(WIDTH, WIDTH, mixed_memory=True)
+        model = Regressor(body)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = []
+        for step in range(3):
+            x, y = torch.randn(BATCH, STEPS_T, WIDTH), torch.randn(BATCH, 1)
+            opt.zero_grad()
+            if watch:
+                with gradwatch.trace(model) as tr:
+                    model.training_step((x, y), step).backward()
+                assert tr.report() and not tr.report().failures
+            else:
+                model.training_step((x, y), step).backward()
+            out += [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            opt.step()
+        return out
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        assert torch.equal(a, b)

@@ -35,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch._capture import scan_packages
 from gradwatch._capture.families import Family, register
+from gradwatch._capture.families.marked import MARKED
 from gradwatch._capture.raw import RawCapture, Transition
 from gradwatch._capture.recorder import active_recorder
 from gradwatch._capture.stats import relative_deviation, sample_norms, step_mean
@@ -224,8 +225,6 @@ class ScanFamily(Family):
             recorder.fail(name, why, keep_first=True)
 
         def step(h: Tensor) -> None:  # one step of a step-by-step call (minGRU's sequential mode)
-            from gradwatch._capture.families.marked import MARKED
-
             MARKED.mark(recorder, name, h)
 
         return rec.hook(module, lambda: recorder.capturing, record, failed, step)
