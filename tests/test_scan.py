@@ -312,7 +312,7 @@ def test_scalars_publish_the_transition_not_the_weight_fields():
 LENGTHS = [17, 9, 13, 1]
 
 
-def _padded_run(scan: str, lengths: list[int]):
+def _padded_run(scan: str, lengths: list[int], declare: str = "a,u,h"):
     """A selective scan over a right-padded batch, run over every step as usual; the loss
     reads only the covered steps."""
     torch.manual_seed(4)
@@ -330,16 +330,18 @@ def _padded_run(scan: str, lengths: list[int]):
         scan_fn = scan_sequential if scan == "sequential" else scan_associative
         h = scan_fn(a, u)
         # padding steps are also scanned (a padded scan computes them); they are left out
-        gradwatch.mark_scan("ssm", a, u, h, lengths=torch.tensor(lengths))
+        marks = {"u": u if "u" in declare else None, "h": h if "h" in declare else None}
+        gradwatch.mark_scan("ssm", a, **marks, lengths=torch.tensor(lengths))
         loss(h).backward()
     return tr.report()["ssm"], a.detach(), u.detach(), model
 
 
+@pytest.mark.parametrize("declare", ["a,u,h", "a,h", "a,u"])
 @pytest.mark.parametrize("scan", ["sequential", "associative"])
-def test_padded_scan_matches_per_sample_reference(scan):
+def test_padded_scan_matches_per_sample_reference(scan, declare):
     """Each sample unrolled over its own length only (the packed-sequence semantics); the
     report's per-step means count the samples that cover the step."""
-    report, a, u, model = _padded_run(scan, LENGTHS)
+    report, a, u, model = _padded_run(scan, LENGTHS, declare)
     per_step = {k: torch.zeros(17, dtype=torch.float64) for k in ("total", "carried", "direct")}
     for b, n in enumerate(LENGTHS):
 

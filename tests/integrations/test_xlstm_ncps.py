@@ -302,3 +302,21 @@ def test_training_is_bit_identical_with_and_without_gradwatch(package):
 
     for a, b in zip(grads(False), grads(True), strict=True):
         assert torch.equal(a, b)
+
+
+def test_cfc_step_hooks_live_only_during_a_captured_call():
+    """The per-step hooks exist only while a captured call runs, and are removed when the
+    call raises (nothing is left on the model)."""
+    from ncps.torch import CfC
+
+    layer = CfC(4, 6, mixed_memory=True)
+    seen = []
+    layer.fc.register_forward_pre_hook(lambda m, a: seen.append(len(m._forward_pre_hooks)))
+    with gradwatch.trace(torch.nn.ModuleDict({"rnn": layer})) as tr:
+        layer(torch.randn(2, 5, 4))[0].sum().backward()
+        assert seen == [2] * 5  # ours and the test's, at every step
+        assert len(layer.fc._forward_pre_hooks) == 1 and not layer.lstm._forward_hooks
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(2, 5, 3))  # wrong feature size: raises inside the loop
+        assert len(layer.fc._forward_pre_hooks) == 1 and not layer.lstm._forward_hooks
+    assert tr.report()["rnn"].exact

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch._capture.families import Family, register
+from gradwatch._capture.hooks import WeakHook
 from gradwatch._capture.raw import RawCapture, hooked_sequence
 from gradwatch._capture.steps import (
     Step,
@@ -82,34 +83,41 @@ class LiquidFamily(Family):
         return None
 
     def hook(self, recorder: Recorder, name: str, module: nn.Module) -> list[RemovableHandle]:
-        call: dict[str, Any] = {}  # the running call: its sequence and the last memory cell
-        handles = [
+        # The per-step hooks (on fc, and lstm with mixed memory) are registered only for the
+        # calls that are captured, and removed when the call ends, even when it raises: a
+        # step that is not captured costs two hook calls per layer call, not one per step.
+        call: dict[str, Any] = {}  # the running call: its sequence, step hooks, memory cell
+        end = WeakHook(recorder, module, self._on_end, name, call)
+        return [
             recorder.forward_pre_hook(module, self._on_start, name, call),
-            recorder.forward_hook(module, self._on_end, name, call),
-            recorder.forward_pre_hook(module.fc, self._on_state, name, call),
+            module.register_forward_hook(end, with_kwargs=True, always_call=True),
         ]
-        lstm = getattr(module, "lstm", None)
-        if getattr(module, "use_mixed", False) and isinstance(lstm, nn.Module):
-            handles.append(recorder.forward_hook(lstm, self._on_memory, name, call))
-        return handles
 
     def capture(self, record: StepSequence) -> RawCapture:
         return hooked_sequence(record.name, record.module_name, "CfC", step_stats(record))
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_start(self, recorder: Recorder, name: str, call: dict, module, args, kwargs):
-        call.clear()
+        _end_call(call)
         if not recorder.capturing or name in recorder.disabled:
             return
         if recorder.skip_call(name, module):  # no_grad, or a recomputation in backward
             return
         try:
             call["seq"] = recorder.start_sequence(name, "CfC", module, self)
+            state = WeakHook(recorder, module.fc, self._on_state, name, call)
+            hooks = [module.fc.register_forward_pre_hook(state, with_kwargs=True)]
+            lstm = getattr(module, "lstm", None)
+            if getattr(module, "use_mixed", False) and isinstance(lstm, nn.Module):
+                memory = WeakHook(recorder, lstm, self._on_memory, name, call)
+                hooks.append(lstm.register_forward_hook(memory, with_kwargs=True))
+            call["hooks"] = hooks
         except Exception as e:  # monitoring must never crash training
+            _end_call(call)
             recorder.fail(name, f"could not record a CfC call: {e!r}", keep_first=True)
 
     def _on_end(self, recorder: Recorder, name: str, call: dict, module, args, kwargs, out):
-        call.clear()
+        _end_call(call)
 
     def _on_memory(self, recorder: Recorder, name: str, call: dict, module, args, kwargs, out):
         if "seq" in call and isinstance(out, tuple) and len(out) == 2:
@@ -133,7 +141,14 @@ class LiquidFamily(Family):
             seq.outputs = parts
         except Exception as e:  # monitoring must never crash training
             recorder.fail(name, f"could not record a CfC step: {e!r}", keep_first=True)
-            call.clear()
+            _end_call(call)
+
+
+def _end_call(call: dict[str, Any]) -> None:
+    """Remove the call's step hooks and forget it."""
+    for handle in call.pop("hooks", ()):
+        handle.remove()
+    call.clear()
 
 
 LIQUID = register(LiquidFamily())
