@@ -320,3 +320,21 @@ def test_cfc_step_hooks_live_only_during_a_captured_call():
             layer(torch.randn(2, 5, 3))  # wrong feature size: raises inside the loop
         assert len(layer.fc._forward_pre_hooks) == 1 and not layer.lstm._forward_hooks
     assert tr.report()["rnn"].exact
+
+
+def test_slstm_with_another_loop_is_a_named_failure_not_a_wrong_report():
+    """A subclass whose states do not come from the vanilla loop's graph: nothing is
+    measured, and the failure says why and what to do."""
+    from xlstm.blocks.slstm.cell import sLSTMCell_vanilla, sLSTMCellConfig
+
+    class Rebuilt(sLSTMCell_vanilla):
+        def _impl(self, training, input, state):
+            states = super()._impl(training, input, state)
+            return states.detach().clone().requires_grad_(True)  # a graph of its own
+
+    cell = Rebuilt(sLSTMCellConfig(hidden_size=8, num_heads=2, backend="vanilla"))
+    failed = pytest.raises(gradwatch.CaptureError, match="cell: could not find.*mark_state")
+    with failed, gradwatch.trace(torch.nn.ModuleDict({"cell": cell})) as tr:
+        out, _ = cell(torch.randn(2, 5, 32))
+        out.sum().backward()
+        tr.report()

@@ -80,9 +80,18 @@ def _copy_chain(output: Tensor, bound: int, steps: int) -> list[tuple[Any, Any, 
         (base, _), (src, nr) = node.next_functions[:2]
         chain.append((node, src, nr))
         node = base
-    if len(chain) != steps or any(src is None for _, src, _ in chain):
-        return None
+    if len(chain) != steps or not all(_is_state_stack(src) for _, src, _ in chain):
+        return None  # not the loop of xlstm 2.0.6's vanilla backend: measure nothing
     return chain[::-1]
+
+
+def _is_state_stack(node: Any) -> bool:
+    """Whether ``node`` stacks the four state tensors ``(y, c, n, m)`` of one step."""
+    return (
+        node is not None
+        and type(node).__name__ == "StackBackward0"
+        and len(node.next_functions) == _STATE_PARTS
+    )
 
 
 class SLSTMFamily(Family):
@@ -136,7 +145,12 @@ class SLSTMFamily(Family):
             steps = x.shape[1] if module.config.input_shape == "BSGNH" else x.shape[0]
             chain = _copy_chain(y, bound, steps)
             if chain is None:
-                recorder.fail(name, "could not find the sLSTM steps in the call's graph")
+                recorder.fail(
+                    name,
+                    "could not find the sLSTM steps in the call's graph (the vanilla "
+                    "backend's loop differs from xlstm 2.0.6's); mark the state yourself "
+                    "with gradwatch.mark_state",
+                )
                 return
             seq = recorder.start_sequence(name, "sLSTM", module, self)
             for copy, state, nr in chain:
@@ -178,8 +192,6 @@ def _hook_step(call: StepSequence, part: _SLSTMStep, copy: Any, state: Any, nr: 
 
 def _cell_node(state: Any) -> tuple[Any, int]:
     """The node that produced ``c_t``: the second input of the stack of ``(y, c, n, m)``."""
-    if type(state).__name__ != "StackBackward0" or len(state.next_functions) != _STATE_PARTS:
-        return None, 0
     node, nr = state.next_functions[1]
     return node, nr
 
