@@ -333,7 +333,7 @@ def test_slstm_with_another_loop_is_a_named_failure_not_a_wrong_report():
             return states.detach().clone().requires_grad_(True)  # a graph of its own
 
     cell = Rebuilt(sLSTMCellConfig(hidden_size=8, num_heads=2, backend="vanilla"))
-    failed = pytest.raises(gradwatch.CaptureError, match="cell: could not find.*mark_state")
+    failed = pytest.raises(gradwatch.CaptureError, match=r"cell: could not find.*mark_state")
     with failed, gradwatch.trace(torch.nn.ModuleDict({"cell": cell})) as tr:
         out, _ = cell(torch.randn(2, 5, 32))
         out.sum().backward()
