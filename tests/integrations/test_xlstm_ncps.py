@@ -174,7 +174,16 @@ def _cfc_forward(layer, x, hx=None, timespans=None):
     return (readout, final), taps
 
 
-@pytest.mark.parametrize("options", [{}, {"mixed_memory": True, "mode": "no_gate"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"mixed_memory": True, "mode": "no_gate"},
+        {"mode": "pure", "proj_size": WIDTH},
+        {"backbone_layers": 0, "batch_first": True},
+    ],
+    ids=["default", "mixed-no_gate", "pure-proj", "no-backbone"],
+)
 def test_ncps_cfc_in_lightning_matches_unrolled_reference(options, tmp_path):
     from ncps.torch import CfC
 
