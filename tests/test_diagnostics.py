@@ -388,3 +388,21 @@ def test_report_names_where_a_nonfinite_gradient_entered_first():
     assert rep["enc"].verdict == rep["dec"].verdict == "nonfinite"
     first = rep.first_nonfinite
     assert (first.module, first.layer, first.direction, first.timestep) == ("dec", 0, 0, 4)
+
+
+def test_hooks_only_explanation_names_no_weight_cause():
+    """A marked state (step equations unknown): a vanishing verdict is explained by the
+    measured per-step factor, without weight or activation numbers it does not have. Here
+    h_t = 0.3 h_{t-1} + x_t, so the factor is 0.3 exactly."""
+    x = torch.randn(4, 20, 5, dtype=torch.float64)
+    with gradwatch.trace(nn.Module()) as tr:
+        h = torch.zeros(4, 5, dtype=torch.float64, requires_grad=True)
+        for t in range(20):
+            h = 0.3 * h + x[:, t]
+            out, h = gradwatch.mark_state("loop", h)
+        out.sum().backward()
+    m = tr.report()["loop"]
+    assert m.verdict == "vanishing"
+    assert m.explanation.cause == "none" and " nan" not in m.explain().lower()
+    assert "does not know its step equations" in m.explain()
+    assert m.explanation.values["actual_gain"] == pytest.approx(0.3, rel=1e-6)

@@ -108,12 +108,15 @@ class Transition:
 
     ``log_abs_a`` is ``log |a_t|`` as ``[B, T, S]`` (state flattened; ``-inf`` where
     ``a_t = 0``); ``step`` (Δ) and ``input_gate`` are the model's own, where it has them.
-    Device tensors.
+    ``lengths`` (``[B]``, right padding, on the CPU) says how many steps each sample covers;
+    the steps past a sample's end are then left out, and ``step`` and ``input_gate`` are
+    ``[B, T, *]``. The others are device tensors.
     """
 
     log_abs_a: Tensor
     step: Tensor | None = None
     input_gate: Tensor | None = None
+    lengths: Tensor | None = None
 
 
 @dataclass

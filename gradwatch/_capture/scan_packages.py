@@ -8,10 +8,15 @@ call with gradients becomes one `gradwatch._capture.families.scan.ScanCall`:
   scan is one autograd node, mambapy's ``PScan``; it is found in the call's own graph (nodes
   created after the call's inputs), its saved input is ``a`` (``exp(Δ A)``, ``[B, T, D, N]``),
   and hooks on it read ``direct`` (its output gradient) and ``total`` (what it sends to ``u``);
-* minGRU (minGRU-pytorch): a log-space scan; the gate is the output of the
-  ``to_hidden_and_gate`` projection (``log a_t = -softplus(gate)``), the states are the input
-  of ``to_out``, so forward hooks on those two submodules see everything, and ``total`` is
-  rebuilt from ``direct`` by the recursion of the scan.
+* minGRU and minLSTM (minGRU-pytorch): a log-space scan; the gates are the output of the
+  ``to_hidden_and_gate`` (``to_hidden_and_f_i_gate``) projection (minGRU: ``log a_t =
+  -softplus(gate)``; minLSTM: ``log a_t = log f'_t``), the states are the input of ``to_out``,
+  so forward hooks on those two submodules see everything, and ``total`` is rebuilt from
+  ``direct`` by the recursion of the scan. A call of one step (``x.shape[1] == 1``, the
+  sequential mode, chained through ``prev_hidden``) is one step of a recurrence that runs
+  across calls: its state (the input of ``to_out``) is recorded as `gradwatch.mark_state`
+  records a state, so consecutive calls in one forward pass form one sequence (kind
+  ``"custom"``: hooked, the propagation estimated from the measured per-step factor).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LOOKS_FOR", "check_scan_args", "recogniser"]
+__all__ = ["LOOKS_FOR", "check_lengths", "check_scan_args", "recogniser"]
 
 Record = Callable[..., None]
 
@@ -69,6 +74,26 @@ def check_scan_args(
                 f"as u/h {tuple(ref.shape)} and broadcast to it (size 1 where it is shared)"
             )
     return ref.shape, time_dim % ref.dim()
+
+
+def check_lengths(name: str, lengths: Tensor | None, batch: int) -> None:
+    """Validate the ``lengths`` of a `gradwatch.mark_scan` declaration (shape and dtype only:
+    reading its values would synchronise a device)."""
+    if lengths is None:
+        return
+    where = f"gradwatch.mark_scan({name!r})"
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"{where}: lengths must be a tensor, got {type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(
+            f"{where}: lengths must hold integers (steps per sample), got {lengths.dtype}; "
+            "from a padding mask, pass mask.sum(1)"
+        )
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(
+            f"{where}: lengths must be [B] = [{batch}] (one length per sample), "
+            f"got {tuple(lengths.shape)}"
+        )
 
 
 def _broadcasts(x: Tensor, ref: Tensor) -> bool:
@@ -130,7 +155,12 @@ class PScanMamba:
         return None
 
     def hook(
-        self, module: nn.Module, capturing: Callable[[], bool], record: Record, failed: Callable
+        self,
+        module: nn.Module,
+        capturing: Callable[[], bool],
+        record: Record,
+        failed: Callable,
+        step: Callable,
     ) -> list[RemovableHandle]:
         def on_call(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not (capturing() and torch.is_grad_enabled()):
@@ -160,39 +190,67 @@ def _log_g(x: Tensor) -> Tensor:
 class MinGRU:
     """minGRU-pytorch ``minGRU``: hooks on ``to_hidden_and_gate`` and ``to_out``."""
 
-    classes = (("minGRU_pytorch.minGRU", "minGRU"),)
+    classes: tuple[tuple[str, str], ...] = (("minGRU_pytorch.minGRU", "minGRU"),)
+    projection = "to_hidden_and_gate"
 
     def unsupported(self, module: nn.Module) -> str | None:
-        ok = isinstance(getattr(module, "to_hidden_and_gate", None), nn.Module)
+        ok = isinstance(getattr(module, self.projection, None), nn.Module)
         ok = ok and isinstance(getattr(module, "to_out", None), nn.Module)
-        return None if ok else "minGRU without to_hidden_and_gate/to_out submodules"
+        return None if ok else f"{type(module).__name__} without {self.projection}/to_out"
+
+    def scan_parts(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log a_t, u_t, input gate)`` of the scan from the projection's output."""
+        hidden, gate = projected.chunk(2, dim=-1)
+        log_a = -F.softplus(gate)  # the scan's own log coefficients
+        u = (-F.softplus(-gate) + _log_g(hidden)).exp()
+        return log_a, u, torch.sigmoid(gate)
+
+    def initial_state(self, prev_hidden: Tensor) -> Tensor:
+        """``h_{-1}`` as the scan uses the ``prev_hidden`` argument (log of it)."""
+        return prev_hidden.detach()[:, -1]
 
     def hook(
-        self, module: nn.Module, capturing: Callable[[], bool], record: Record, failed: Callable
+        self,
+        module: nn.Module,
+        capturing: Callable[[], bool],
+        record: Record,
+        failed: Callable,
+        step: Callable[[Tensor], None],
     ) -> list[RemovableHandle]:
+        """Hooks recording each parallel call as a scan (``record``) and each one-step call
+        (the sequential mode) as one step of a marked state (``step``)."""
         call: dict[str, Any] = {}
 
         def on_start(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             call.clear()
             x = args[0] if args else kwargs.get("x")
-            if capturing() and torch.is_grad_enabled() and x is not None and x.shape[1] > 1:
-                prev = args[1] if len(args) > 1 else kwargs.get("prev_hidden")
-                call["h0"] = None if prev is None else prev.detach()[:, -1]
+            if not (capturing() and torch.is_grad_enabled() and x is not None):
+                return
+            if x.shape[1] == 1:  # the sequential mode: one step, chained by prev_hidden
+                call["single"] = True
+                return
+            prev = args[1] if len(args) > 1 else kwargs.get("prev_hidden")
+            call["h0"] = None if prev is None else self.initial_state(prev)
 
-        def on_gate(mod: nn.Module, args: tuple, output: Tensor) -> None:
+        def on_projection(mod: nn.Module, args: tuple, output: Tensor) -> None:
             if call:
                 call["projected"] = output.detach()
 
         def on_states(mod: nn.Module, args: tuple) -> None:
+            if call.pop("single", False):
+                try:
+                    if isinstance(args[0], Tensor) and args[0].requires_grad:
+                        step(args[0])
+                except Exception as e:  # monitoring must never crash training
+                    failed(f"could not record a step: {e!r}")
+                call.clear()
+                return
             if not call or "projected" not in call:
                 return
             try:
                 h = args[0]
-                hidden, gate = call.pop("projected").chunk(2, dim=-1)
                 with torch.no_grad():
-                    log_a = -F.softplus(gate)  # the scan's own log coefficients
-                    z = torch.sigmoid(gate)
-                    u = (-F.softplus(-gate) + _log_g(hidden)).exp()
+                    log_a, u, gate = self.scan_parts(call.pop("projected"))
                 spec = {
                     "a": log_a,
                     "log_a": True,
@@ -201,7 +259,7 @@ class MinGRU:
                     "u_values": u,
                     "h_values": h.detach(),
                     "h_initial": call.pop("h0", None),
-                    "input_gate": z,
+                    "input_gate": gate,
                 }
                 call.clear()
                 record(spec, h=h)
@@ -210,13 +268,36 @@ class MinGRU:
 
         return [
             module.register_forward_pre_hook(on_start, with_kwargs=True),
-            module.to_hidden_and_gate.register_forward_hook(on_gate),
+            getattr(module, self.projection).register_forward_hook(on_projection),
             module.to_out.register_forward_pre_hook(on_states),
         ]
 
 
-_RECOGNISERS: tuple[Any, ...] = (PScanMamba(), MinGRU())
-LOOKS_FOR = ("mambapy MambaBlock", "transformers MambaMixer", "minGRU (minGRU-pytorch)")
+class MinLSTM(MinGRU):
+    """minGRU-pytorch ``minLSTM``: the same hooks on ``to_hidden_and_f_i_gate``; the scan of
+    Feng et al. (2024, appendix B.3.2): ``a_t = f'_t``, ``u_t = i'_t g(h~_t)`` with the
+    normalised gates ``f' = f / (f + i)``, ``i' = i / (f + i)``."""
+
+    classes = (("minGRU_pytorch.minLSTM", "minLSTM"),)
+    projection = "to_hidden_and_f_i_gate"
+
+    def scan_parts(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hidden, f_gate, i_gate = projected.chunk(3, dim=-1)
+        diff = F.softplus(-f_gate) - F.softplus(-i_gate)  # log i - log f
+        log_f, log_i = -F.softplus(diff), -F.softplus(-diff)
+        return log_f, (log_i + _log_g(hidden)).exp(), log_i.exp()
+
+    def initial_state(self, prev_hidden: Tensor) -> Tensor:
+        # minLSTM starts its scan from g(prev_hidden), not from prev_hidden itself
+        return _log_g(prev_hidden.detach()[:, -1]).exp()
+
+
+_RECOGNISERS: tuple[Any, ...] = (PScanMamba(), MinGRU(), MinLSTM())
+LOOKS_FOR = (
+    "mambapy MambaBlock",
+    "transformers MambaMixer",
+    "minGRU and minLSTM (minGRU-pytorch)",
+)
 
 
 def recogniser(module: nn.Module) -> Any:

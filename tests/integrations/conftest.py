@@ -23,7 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # when this folder is run on its own with another configuration.
     config.addinivalue_line(
         "markers",
-        "integrations: tests with darts, pytorch-forecasting, neuralforecast and scan packages",
+        "integrations: tests with darts, pytorch-forecasting, neuralforecast, scan packages, "
+        "xlstm and ncps",
     )
 
 

@@ -92,3 +92,14 @@ def min_gru(module, x: Tensor, taps: Taps) -> Tensor:
     g = torch.where(hidden >= 0, hidden + 0.5, torch.sigmoid(hidden))
     hs = taps.unroll(1 - z, z * g)
     return module.to_out(hs)
+
+
+def min_lstm(module, x: Tensor, taps: Taps) -> Tensor:
+    """minGRU-pytorch ``minLSTM.forward`` (parallel mode, no previous hidden) in its sequential
+    form: ``h_t = f'_t h_{t-1} + i'_t g(h~_t)`` with ``f' = f / (f + i)``, ``i' = i / (f + i)``
+    (Feng et al., 2024, appendix B.3.2)."""
+    hidden, f_gate, i_gate = module.to_hidden_and_f_i_gate(x).chunk(3, dim=-1)
+    f, i = torch.sigmoid(f_gate), torch.sigmoid(i_gate)
+    g = torch.where(hidden >= 0, hidden + 0.5, torch.sigmoid(hidden))
+    hs = taps.unroll(f / (f + i), i / (f + i) * g)
+    return module.to_out(hs)

@@ -1,6 +1,6 @@
 """GradWatch on diagonal linear recurrences from real packages, with no change to user code:
 mambapy (Mamba, parallel scan), Hugging Face transformers (MambaModel with
-``use_mambapy=True``) and minGRU-pytorch (log-space scan).
+``use_mambapy=True``) and minGRU-pytorch (minGRU and minLSTM, log-space scan).
 
 Each test trains a small regressor with Lightning and ``GradWatch(every_n_steps=1)``, then
 checks the first step's report against an independent float64 reference: the same modules
@@ -22,6 +22,7 @@ pytest.importorskip("minGRU_pytorch")
 pytest.importorskip("transformers")
 
 import scan_references as refs  # noqa: E402
+from scan_reference import stats, unroll_reference  # noqa: E402  (tests/, for every group)
 
 import gradwatch  # noqa: E402
 from gradwatch._analysis.quantities.propagation import propagate  # noqa: E402
@@ -72,6 +73,11 @@ def _build(package: str):
         body = MambaModel(config)
         names = {f"body.layers.{i}.mixer" for i in range(2)}
         return Regressor(body, out="last_hidden_state"), names, refs.hf_mixer
+    if package == "minLSTM":
+        from minGRU_pytorch.minLSTM import minLSTM
+
+        body = torch.nn.Sequential(minLSTM(WIDTH), minLSTM(WIDTH, expansion_factor=1.5))
+        return Regressor(body), {"body.0", "body.1"}, refs.min_lstm
     from minGRU_pytorch import minGRU
 
     body = torch.nn.Sequential(minGRU(WIDTH), minGRU(WIDTH, expansion_factor=1.5))
@@ -107,7 +113,7 @@ class _Diagonal:
         return None, self.a[t] * dh, None, None
 
 
-@pytest.mark.parametrize("package", ["mambapy", "transformers", "minGRU"])
+@pytest.mark.parametrize("package", ["mambapy", "transformers", "minGRU", "minLSTM"])
 def test_lightning_run_matches_unrolled_reference(package, tmp_path):
     torch.manual_seed(0)
     model, names, forward = _build(package)
@@ -150,7 +156,7 @@ def test_lightning_run_matches_unrolled_reference(package, tmp_path):
             float(ref.a.mean()), rel=1e-4
         )
         assert mr.verdict in ("healthy", "vanishing", "exploding"), mr.explain()
-        if package != "minGRU":
+        if package not in ("minGRU", "minLSTM"):
             assert "step_size" in mr.causes.transition
         else:
             assert "input_gate" in mr.causes.transition
@@ -170,3 +176,56 @@ def test_unsupported_configuration_is_named(package):
         body = MambaModel(MambaConfig(hidden_size=WIDTH, num_hidden_layers=1, use_mambapy=False))
     with pytest.raises(gradwatch.UnsupportedModuleError, match="mark_scan"), gradwatch.trace(body):
         pass
+
+
+@pytest.mark.parametrize("package", ["minGRU", "minLSTM"])
+def test_sequential_mode_steps_form_one_sequence(package):
+    """One-step calls chained through ``prev_hidden`` (minGRU-pytorch's sequential mode) are
+    the steps of one recurrence across calls: recorded as marked states, checked against the
+    sequential form unrolled in float64 (``h_t = a_t h_{t-1} + u_t``)."""
+    from minGRU_pytorch import minGRU
+    from minGRU_pytorch.minLSTM import minLSTM
+
+    torch.manual_seed(0)
+    cell = (minGRU if package == "minGRU" else minLSTM)(6).double()
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    w = torch.randn(6, dtype=torch.float64)
+
+    def loss(hs):
+        return (hs @ w).square().sum()
+
+    class Loop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, x):
+            h, outs = None, []
+            for t in range(x.shape[1]):
+                out, h = self.cell(x[:, t : t + 1], h, return_next_prev_hidden=True)
+                outs.append(out)
+            return torch.cat(outs, 1)
+
+    model = Loop()
+    with gradwatch.trace(model) as tr:
+        loss(model(x)).backward()
+    report = tr.report()
+    assert list(report) == ["cell"] and not report.failures
+    mr = report["cell"]
+    assert mr.kind == "custom" and mr.exact and tuple(mr.total.shape) == (1, 1, 7)
+    with torch.no_grad():
+        g = torch.nn.functional.sigmoid
+        if package == "minGRU":
+            hidden, gate = cell.to_hidden_and_gate(x).chunk(2, -1)
+            a, z = 1 - g(gate), g(gate)
+            u = z * torch.where(hidden >= 0, hidden + 0.5, g(hidden))
+        else:
+            hidden, f, i = cell.to_hidden_and_f_i_gate(x).chunk(3, -1)
+            f, i = g(f), g(i)
+            a, u = f / (f + i), i / (f + i) * torch.where(hidden >= 0, hidden + 0.5, g(hidden))
+    want = stats(unroll_reference(a, u, loss))  # h_{-1} = 0: a_0 does not matter
+    for key in ("total", "carried", "direct"):
+        got = getattr(mr, key)[0, 0].double()
+        torch.testing.assert_close(
+            got, want[key], rtol=1e-5, atol=1e-6 * float(want["total"].max())
+        )

@@ -65,15 +65,28 @@ def diagonal_log_curve(log_abs_a: Tensor, probe: Tensor) -> Tensor:
     return out
 
 
-def diagonal_propagation(log_abs_a: Tensor) -> Propagation:
+def _right_aligned(log_abs_a: Tensor, lengths: Tensor) -> Tensor:
+    """Each sample's covered steps moved to the end (``[B, T, S]``, zeros in front), so that
+    walking back from step ``T - 1`` walks back from the sample's own last step."""
+    steps = log_abs_a.shape[1]
+    time = torch.arange(steps, device=log_abs_a.device).unsqueeze(0)
+    source = time - (steps - lengths.unsqueeze(1))  # [B, T]: original step, < 0 in front
+    picked = log_abs_a.gather(1, source.clamp(min=0).unsqueeze(-1).expand_as(log_abs_a))
+    return torch.where((source >= 0).unsqueeze(-1), picked, torch.zeros_like(picked))
+
+
+def diagonal_propagation(log_abs_a: Tensor, lengths: Tensor | None = None) -> Propagation:
     """Curve, gain, horizon and e-fold time of one diagonal scan (``[B, T, S]`` log|a|).
 
-    Every sample covers every step. The probes are those of `propagate`: per round, one
-    standard normal vector per sample from the fixed seed, normalised; the per-sample curves
-    are averaged over rounds (at least eight probe vectors in all).
+    ``lengths`` (``[B]``; ``None``: every sample covers every step) starts each sample's walk
+    at its own last step, as `propagate` does for packed sequences. The probes are those of
+    `propagate`: per round, one standard normal vector per sample from the fixed seed,
+    normalised; the per-sample curves are averaged over rounds (at least eight in all).
     """
     batch, steps, size = log_abs_a.shape
     device = log_abs_a.device
+    if lengths is not None:
+        log_abs_a = _right_aligned(log_abs_a, lengths)
     gen = torch.Generator().manual_seed(_PROBE_SEED)
     rounds = max(1, math.ceil(_MIN_PROBES / batch))
     curves = []
@@ -82,17 +95,27 @@ def diagonal_propagation(log_abs_a: Tensor) -> Propagation:
         v = (v / v.norm(dim=1, keepdim=True)).to(device)
         curves.append(diagonal_log_curve(log_abs_a, v))
     log_a = torch.stack(curves).mean(0)
-    lengths = torch.full((batch,), steps, device=device)
-    reach = torch.ones(steps, batch, dtype=torch.bool, device=device)
+    if lengths is None:
+        lengths = torch.full((batch,), steps, device=device)
+    reach = torch.arange(steps, device=device).unsqueeze(1) < lengths.unsqueeze(0)  # [K, B]
     return summarise(log_a, reach, lengths)
 
 
-def _mean(x: Tensor) -> Tensor:
-    return x.double().mean() if x.numel() else torch.full((), math.nan, dtype=torch.float64)
+def _mean(x: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean of ``x``, or its mean weighted by ``weight`` (``[B, T]`` 0/1: the covered steps,
+    broadcast over the rest); NaN when nothing is counted."""
+    x = x.double()
+    if weight is None:
+        return x.mean() if x.numel() else torch.full((), math.nan, dtype=torch.float64)
+    w = weight.double().view(*weight.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return (x * w).sum() / w.sum()  # 0/0 = NaN when no step is covered
 
 
 def transition_causes(
-    abs_a: Tensor, step: Tensor | None = None, input_gate: Tensor | None = None
+    abs_a: Tensor,
+    step: Tensor | None = None,
+    input_gate: Tensor | None = None,
+    covered: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The repeated factor of a diagonal scan, summarised over batch, time and state.
 
@@ -100,21 +123,48 @@ def transition_causes(
     fractions ``transition/near_zero`` (``< 0.1``), ``transition/near_one`` (``> 0.99``) and
     ``transition/above_one`` (``> 1``: growth), and, where the model has them, the mean step
     size ``transition/step_size`` (Mamba's Δ) and the mean input gate ``transition/input_gate``.
-    Scalar float64 device tensors.
+    ``covered`` (``[B, T]`` bool) leaves out the steps past each sample's end; ``step`` and
+    ``input_gate`` are then ``[B, T, *]`` too. Scalar float64 device tensors.
     """
     a = abs_a.double()
+    mean = _mean(a, covered)
+    if covered is None:
+        spread = a.std(unbiased=False) if a.numel() else mean
+    else:
+        spread = _mean((a - mean).square(), covered).sqrt()
     out = {
-        "transition/mean": _mean(a),
-        "transition/spread": a.std(unbiased=False) if a.numel() else _mean(a),
-        "transition/near_zero": _mean(a < NEAR_ZERO),
-        "transition/near_one": _mean(a > NEAR_ONE),
-        "transition/above_one": _mean(a > 1),
+        "transition/mean": mean,
+        "transition/spread": spread,
+        "transition/near_zero": _mean(a < NEAR_ZERO, covered),
+        "transition/near_one": _mean(a > NEAR_ONE, covered),
+        "transition/above_one": _mean(a > 1, covered),
     }
     if step is not None:
-        out["transition/step_size"] = _mean(step)
+        out["transition/step_size"] = _mean(step, covered)
     if input_gate is not None:
-        out["transition/input_gate"] = _mean(input_gate)
+        out["transition/input_gate"] = _mean(input_gate, covered)
     return out
+
+
+def _on(lengths: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if lengths is None else lengths.to(like.device)
+
+
+def _propagation(log_abs: Tensor, lengths: Tensor | None) -> Propagation:
+    """`diagonal_propagation` over the steps some sample covers (``lengths`` on the CPU: the
+    longest is known without a device synchronisation); the curve is NaN past them (no
+    sample reaches that far back), like the per-step statistics are zero there."""
+    if lengths is None:
+        return diagonal_propagation(log_abs)
+    steps = log_abs.shape[1]
+    longest = min(int(lengths.max()), steps) if lengths.numel() else 0
+    if longest == 0:
+        nan = torch.full((), math.nan, dtype=torch.float64, device=log_abs.device)
+        return Propagation(nan.expand(steps).clone(), nan, nan, nan, nan)
+    prop = diagonal_propagation(log_abs[:, :longest], _on(lengths, log_abs))
+    tail = prop.curve.new_full((steps - longest,), math.nan)
+    prop.curve = torch.cat([prop.curve, tail])
+    return prop
 
 
 def transition_quantities(
@@ -127,9 +177,9 @@ def transition_quantities(
     out = {
         "actual_gain": actual_gain(stats["carried"][0, 0], stats["total"][0, 0], False).view(1, 1)
     }
-    log_abs = transition.log_abs_a
+    log_abs, lengths = transition.log_abs_a, _on(transition.lengths, transition.log_abs_a)
     if options.propagation and log_abs.shape[1]:
-        prop = diagonal_propagation(log_abs)
+        prop = _propagation(log_abs, transition.lengths)
         out.update(
             propagation=(prop.curve / math.log(10)).view(1, 1, -1),
             gain=prop.gain.view(1, 1),
@@ -138,6 +188,11 @@ def transition_quantities(
             log10_attenuation=(prop.log_attenuation / math.log(10)).view(1, 1),
         )
     if options.causes:
-        causes = transition_causes(log_abs.exp(), transition.step, transition.input_gate)
+        covered = None
+        if lengths is not None:
+            time = torch.arange(log_abs.shape[1], device=log_abs.device)
+            covered = time.unsqueeze(0) < lengths.unsqueeze(1)
+        gate = transition.input_gate
+        causes = transition_causes(log_abs.exp(), transition.step, gate, covered)
         out.update({k: v.view(1, 1) for k, v in causes.items()})
     return out

@@ -36,7 +36,8 @@ def diagnose(
     location, bad = first_nonfinite(report.name, per_step, reverse_of)
     curve = q.get("propagation")
     if curve is not None:  # NaN or +inf along the propagation (e.g. non-finite weights)
-        bad = bad | (curve.isnan() | (curve == math.inf)).any(-1)
+        reached = curve[..., :seq_len]  # past the longest covered sequence it is NaN by design
+        bad = bad | (reached.isnan() | (reached == math.inf)).any(-1)
     verdicts = []
     for layer in range(report.num_layers):
         row = []

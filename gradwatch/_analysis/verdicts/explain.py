@@ -98,6 +98,16 @@ def _cause(
         )
     if kind == "scan":
         return _scan_cause(c, verdict, layer, d)
+    if all(math.isnan(v) for v in (norm, radius, deriv)):
+        # hooks only (marked states, sLSTM, CfC): the step equations are not known here, so
+        # the factor cannot be split into weight and activation terms; say so, blame nothing
+        g = math.nan if report.actual_gain is None else float(report.actual_gain[layer, d])
+        return (
+            "none",
+            "not identified: gradwatch measures this recurrence's gradients but does not know "
+            f"its step equations (measured per-step factor {g:.3g})",
+            {"actual_gain": g},
+        )
     act = "ReLU" if kind == "RNN_RELU" else "tanh"
     weights = {"weight_norm": norm, "weight_radius": radius, "act_derivative": deriv}
     if verdict == "exploding":

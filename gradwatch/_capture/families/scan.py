@@ -35,9 +35,10 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch._capture import scan_packages
 from gradwatch._capture.families import Family, register
+from gradwatch._capture.families.marked import MARKED
 from gradwatch._capture.raw import RawCapture, Transition
 from gradwatch._capture.recorder import active_recorder
-from gradwatch._capture.stats import relative_deviation, sample_norms
+from gradwatch._capture.stats import relative_deviation, sample_norms, step_mean
 
 if TYPE_CHECKING:
     from gradwatch._capture.recorder import Recorder
@@ -70,6 +71,7 @@ class ScanCall:
     h_initial: Tensor | None = None  # h_{-1} when known (else the check starts at t = 1)
     step: Tensor | None = None  # step size Δ (Mamba), detached
     input_gate: Tensor | None = None  # detached
+    lengths: Tensor | None = None  # [B] steps covered per sample (right padding), as given
     total: Tensor | None = None  # dL/du_t = dL/dh_t, summed over backward passes
     direct: Tensor | None = None  # dL/d(h as a tensor): from outside the recurrence
     on_grad: Any = None
@@ -111,7 +113,7 @@ class ScanCall:
             h.remove()
         self.handles.clear()
         self.u_values = self.h_values = self.h_initial = None
-        self.step = self.input_gate = self.total = self.direct = None
+        self.step = self.input_gate = self.total = self.direct = self.lengths = None
 
 
 # -- reduction -------------------------------------------------------------------------------
@@ -125,10 +127,27 @@ def _real(x: Tensor) -> Tensor:
     return torch.view_as_real(x) if x.is_complex() else x
 
 
-def _norms(x: Tensor) -> Tensor:
-    """Per-step batch mean of per-sample norms over the state, float32 ``[1, 1, T]``."""
-    n = sample_norms(x.abs() if x.is_complex() else x).transpose(0, 1).mean(-1)
-    return n.float().view(1, 1, -1)
+def _norms(x: Tensor, valid: Tensor | None) -> Tensor:
+    """Per-step mean of per-sample norms over the state, over the samples that cover the step
+    (``valid`` ``[T, B]``; ``None``: all), float32 ``[1, 1, T]``."""
+    n = sample_norms(x.abs() if x.is_complex() else x).transpose(0, 1)
+    return step_mean(n, valid).view(1, 1, -1)
+
+
+def _valid(call: ScanCall, steps: int, device: torch.device) -> Tensor | None:
+    """``[T, B]``: whether sample b covers step t (``t < lengths[b]``); ``None``: all do."""
+    if call.lengths is None:
+        return None
+    time = torch.arange(steps, device=device).unsqueeze(1)
+    return time < call.lengths.to(device).unsqueeze(0)
+
+
+def _masked(x: Tensor, valid: Tensor | None) -> Tensor:
+    """``x`` ``[B, T', S]`` with the steps past each sample's end zeroed (``valid`` ``[T', B]``)
+    so that the cross-checks compare only covered steps."""
+    if valid is None:
+        return x
+    return torch.where(valid.t().unsqueeze(-1), x, torch.zeros((), dtype=x.dtype))
 
 
 def _shift_back(a: Tensor, total: Tensor) -> Tensor:
@@ -148,19 +167,24 @@ def _total_from_direct(a: Tensor, direct: Tensor) -> Tensor:
     return total
 
 
-def _forward_deviation(call: ScanCall, a: Tensor) -> Tensor | None:
-    """How far the observed ``h`` is from ``a_t ⊙ h_{t-1} + u_t`` (relative, device scalar)."""
+def _forward_deviation(call: ScanCall, a: Tensor, valid: Tensor | None) -> Tensor | None:
+    """How far the observed ``h`` is from ``a_t ⊙ h_{t-1} + u_t`` over the covered steps
+    (relative, device scalar)."""
     if call.u_values is None or call.h_values is None:
         return None
     u, h = _flat(call.u_values, call).to(a.dtype), _flat(call.h_values, call).to(a.dtype)
     pred, real = a[:, 1:] * h[:, :-1] + u[:, 1:], h[:, 1:]
+    covered = None if valid is None else valid[1:]
     if call.h_initial is not None:
         h0 = call.h_initial.reshape(h.shape[0], 1, -1).to(a.dtype)
-        pred, real = torch.cat([a[:, :1] * h0 + u[:, :1], pred], 1), h
-    return relative_deviation([_real(pred)], [_real(real)])
+        pred, real, covered = torch.cat([a[:, :1] * h0 + u[:, :1], pred], 1), h, valid
+    pred, real = _real(_masked(pred, covered)), _real(_masked(real, covered))
+    return relative_deviation([pred], [real])
 
 
-def _gradients(call: ScanCall, a: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+def _gradients(
+    call: ScanCall, a: Tensor, valid: Tensor | None
+) -> tuple[dict[str, Tensor], list[Tensor]]:
     """``total``, ``carried``, ``direct`` ``[B, T, S]`` and the gradient cross-check."""
     total = None if call.total is None else _flat(call.total, call).to(a.dtype)
     direct = None if call.direct is None else _flat(call.direct, call).to(a.dtype)
@@ -168,7 +192,8 @@ def _gradients(call: ScanCall, a: Tensor) -> tuple[dict[str, Tensor], list[Tenso
     if total is not None:
         carried = _shift_back(a, total)
         if direct is not None:  # both observed: the gradient identity must hold
-            checks.append(relative_deviation([_real(direct + carried)], [_real(total)]))
+            pair = _real(_masked(direct + carried, valid)), _real(_masked(total, valid))
+            checks.append(relative_deviation([pair[0]], [pair[1]]))
         direct = total - carried
     elif direct is not None:
         total = _total_from_direct(a, direct)
@@ -199,7 +224,10 @@ class ScanFamily(Family):
         def failed(why: str) -> None:
             recorder.fail(name, why, keep_first=True)
 
-        return rec.hook(module, lambda: recorder.capturing, record, failed)
+        def step(h: Tensor) -> None:  # one step of a step-by-step call (minGRU's sequential mode)
+            MARKED.mark(recorder, name, h)
+
+        return rec.hook(module, lambda: recorder.capturing, record, failed, step)
 
     def record(
         self,
@@ -231,30 +259,53 @@ class ScanFamily(Family):
         flat_a = _flat(record.a, record)
         log_abs = flat_a.double() if record.log_a else flat_a.abs().double().log()
         a = log_abs.exp().to(dtype) if record.log_a else flat_a.to(dtype)
-        grads, checks = _gradients(record, a)
-        forward = _forward_deviation(record, a)
+        batch, steps = a.shape[0], a.shape[1]
+        valid = _valid(record, steps, a.device)
+        grads, checks = _gradients(record, a, valid)
+        forward = _forward_deviation(record, a, valid)
         if forward is not None:
             checks.append(forward)
         fidelity: Tensor | float = 0.0
         if checks:
             fidelity = torch.stack([c.double().reshape(()) for c in checks]).max()
-        batch, steps = a.shape[0], a.shape[1]
         return RawCapture(
             name=record.name,
             module_name=record.module_name,
             kind="scan",
             num_layers=1,
             num_directions=1,
-            stats={k: _norms(v) for k, v in grads.items()},
-            valid_samples=torch.full((steps,), batch, dtype=torch.int64),
+            stats={k: _norms(v, valid) for k, v in grads.items()},
+            valid_samples=_valid_samples(record, batch, steps),
             reverse=(False,),
             source="hooks",
             received_gradient=record.total is not None or record.direct is not None,
             fidelity=fidelity,
             fidelity_tolerance=_TOLERANCE.get(record.a.dtype, _DEFAULT_TOLERANCE),
             fidelity_reason=_REASON,
-            transition=Transition(log_abs, record.step, record.input_gate),
+            transition=_transition(record, log_abs),
         )
+
+
+def _valid_samples(call: ScanCall, batch: int, steps: int) -> Tensor:
+    """``[T]`` on the CPU: how many samples cover each step (from the CPU copy of the
+    lengths, as `pack_padded_sequence` keeps them: no device synchronisation then)."""
+    if call.lengths is None:
+        return torch.full((steps,), batch, dtype=torch.int64)
+    lengths = call.lengths.cpu().clamp(0, steps)
+    return (torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)).sum(1)
+
+
+def _transition(call: ScanCall, log_abs: Tensor) -> Transition:
+    """The `Transition`; with lengths, the step size and input gate laid out ``[B, T, *]``
+    like ``log|a|`` so that the analysis can leave the uncovered steps out."""
+    if call.lengths is None:
+        return Transition(log_abs, call.step, call.input_gate)
+
+    def flat(x: Tensor | None) -> Tensor | None:
+        return None if x is None else _flat(x, call)
+
+    lengths = call.lengths.cpu().clamp(0, log_abs.shape[1])  # kept on the CPU (see Transition)
+    return Transition(log_abs, flat(call.step), flat(call.input_gate), lengths)
 
 
 SCAN = register(ScanFamily())
@@ -271,6 +322,7 @@ def mark_scan(
     step: Tensor | None = None,
     input_gate: Tensor | None = None,
     h0: Tensor | None = None,
+    lengths: Tensor | None = None,
 ) -> None:
     """Declare a diagonal linear recurrence ``h_t = a_t ⊙ h_{t-1} + u_t``, computed by any scan.
 
@@ -305,6 +357,13 @@ def mark_scan(
         step: The step size Δ where the model has one (Mamba), for the causes.
         input_gate: The input gate where the model has one (minGRU's ``z_t``), for the causes.
         h0: The initial state ``h_{-1}`` ``[B, *S]``, if not zero, for the cross-check at t = 0.
+        lengths: For padded batches, the number of steps each sample covers, ``[B]`` integers
+            (right padding: sample b covers steps ``0 .. lengths[b] - 1``; from a mask,
+            ``mask.sum(1)``). The steps past a sample's end are left out of everything: the
+            per-step means count only the samples that cover the step (``valid_samples``),
+            the propagation walks back from each sample's own last step, and the transition
+            statistics and cross-checks skip them, so padding never reads as vanishing.
+            Keep it on the CPU, as `pack_padded_sequence` does, to avoid a device copy.
 
     Raises:
         TypeError, ValueError: an argument is not a tensor or does not fit the others; the
@@ -312,6 +371,7 @@ def mark_scan(
     """
     extras = {"step": step, "input_gate": input_gate}
     shape, time_dim = scan_packages.check_scan_args(name, a, u, h, time_dim, log_a, extras)
+    scan_packages.check_lengths(name, lengths, shape[0])
     recorder = active_recorder()
     watched = [t for t in (u, h) if t is not None and t.requires_grad]
     if recorder is None or not recorder.capturing or name in recorder.disabled:
@@ -332,6 +392,7 @@ def mark_scan(
         "h_initial": d(h0),
         "step": d(step),
         "input_gate": d(input_gate),
+        "lengths": d(lengths),
     }
     try:
         SCAN.record(recorder, name, spec, u=u, h=h)
