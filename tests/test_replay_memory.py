@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -167,8 +168,15 @@ class _PeakBytes(TorchDispatchMode):
 
 
 def _peak(held, fn) -> int:
-    with _PeakBytes(held) as mode:
-        fn()
+    # Garbage left by earlier tests, freed while ``fn`` runs, would lower the count below
+    # the base: collect it first and keep the collector off while measuring.
+    gc.collect()
+    gc.disable()
+    try:
+        with _PeakBytes(held) as mode:
+            fn()
+    finally:
+        gc.enable()
     return mode.peak
 
 
@@ -197,9 +205,10 @@ def test_a_large_capture_holds_less_than_the_training_step(monkeypatch):
         all_held = _peak(held, lambda: fused.replay(call, probes=True, recompute=False))
         one_layer = _peak(held, lambda: fused.replay(call, probes=True, recompute=True))
     layer = layered.trajectory_bytes(module, 200, 16, 4)
-    # every layer held at once costs about as much as the training step itself; one layer
-    # at a time, about one layer's trajectory and the walk's buffers
-    assert all_held > 0.6 * step_peak
-    assert one_layer < 0.4 * all_held
-    assert one_layer <= 0.5 * step_peak  # the issue's bound (measured: about 0.25)
+    # every layer held at once holds the three trajectories; one layer at a time, about one
+    # layer's trajectory and the walk's buffers, so at least 1.5 of the two other layers'
+    # trajectories are saved (measured: 2.3 to 4 of them, depending on the allocator's state)
+    assert all_held > 3 * layer
+    assert all_held - one_layer > 1.5 * layer
+    assert one_layer <= 0.5 * step_peak  # the issue's bound (measured: 0.25 to 0.29)
     assert one_layer < 2.5 * layer
