@@ -189,3 +189,34 @@ def test_every_cause_has_concrete_remedies(cause):
     remedies = remedies_for(m, "vanishing")
     assert 1 <= len(remedies) <= 4
     assert len(set(remedies)) == len(remedies)
+
+
+@pytest.mark.parametrize(
+    ("kind", "own", "diagnostics"),
+    [
+        ("CfC", "mixed_memory=True", False),
+        ("sLSTM", "small_init", False),
+        ("CfC", "mixed_memory=True", True),
+        ("sLSTM", "small_init", True),
+    ],
+)
+def test_package_recurrences_get_their_own_remedies_not_a_gated_cell(kind, own, diagnostics):
+    # hooked per step: gradwatch measures the factor but cannot split it into causes, so the
+    # remedies come from the verdict's list, filtered by kind
+    m = make_module(
+        "rnn", kind=kind, layers=1, gain=0.5, verdict="vanishing", diagnostics=diagnostics
+    )
+    remedies = remedies_for(m, "vanishing")
+    assert not any("gated cell" in r for r in remedies)  # it already is one
+    assert not any("weight_hh" in r or "forget-gate bias to about" in r for r in remedies)
+    assert any(own in r for r in remedies)
+    # and the other kind's remedy is not offered
+    other = "small_init" if kind == "CfC" else "mixed_memory"
+    assert not any(other in r for r in remedies)
+
+
+def test_the_cell_state_row_is_drawn_for_the_slstm_too():
+    from gradwatch._outputs.tb_plugin.metadata import profile_rows
+
+    assert "cell_total" in profile_rows("sLSTM") and "cell_total" in profile_rows("LSTMCell")
+    assert "cell_total" not in profile_rows("CfC") and "cell_total" not in profile_rows("GRU")

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 __all__ = [
     "CAUSES",
     "CELL_KINDS",
+    "CELL_STATE_KINDS",
     "EXPLODING_VERDICTS",
     "FUSED_KINDS",
     "GATED_KINDS",
@@ -18,11 +19,13 @@ __all__ = [
     "GRU_KINDS",
     "KINDS",
     "LSTM_KINDS",
+    "PACKAGE_KINDS",
     "PROBLEM_VERDICTS",
     "VERDICTS",
     "Cause",
     "Gate",
     "Kind",
+    "PackageKind",
     "Verdict",
     "worst",
 ]
@@ -37,13 +40,21 @@ EXPLODING_VERDICTS: tuple[Verdict, ...] = ("exploding", "nonfinite")
 
 FusedKind = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 CellKind = Literal["LSTMCell", "GRUCell", "RNNCell"]
-Kind = Literal[FusedKind, CellKind, "custom", "scan"]
+# Recurrences known by their package, hooked per step: xLSTM's sLSTM, ncps' closed-form
+# continuous-time cell (CfC).
+PackageKind = Literal["sLSTM", "CfC"]
+Kind = Literal[FusedKind, CellKind, PackageKind, "custom", "scan"]
 FUSED_KINDS: tuple[FusedKind, ...] = get_args(FusedKind)
 CELL_KINDS: tuple[CellKind, ...] = get_args(CellKind)
-KINDS: tuple[str, ...] = (*FUSED_KINDS, *CELL_KINDS, "custom", "scan")
-GATED_KINDS = frozenset({"LSTM", "GRU", "LSTMCell", "GRUCell"})
+PACKAGE_KINDS: tuple[PackageKind, ...] = get_args(PackageKind)
+KINDS: tuple[str, ...] = (*FUSED_KINDS, *CELL_KINDS, *PACKAGE_KINDS, "custom", "scan")
+# Gated: a gate decides per step how much of the state (and of its gradient) is kept, so
+# "use a gated cell" is no advice for them and the Pascanu bound does not apply.
+GATED_KINDS = frozenset({"LSTM", "GRU", "LSTMCell", "GRUCell", "sLSTM", "CfC"})
 LSTM_KINDS = frozenset({"LSTM", "LSTMCell"})
 GRU_KINDS = frozenset({"GRU", "GRUCell"})
+# The kinds whose reports carry ``cell_total``, the gradient reaching a cell state c_t.
+CELL_STATE_KINDS = LSTM_KINDS | {"sLSTM"}
 
 Gate = Literal["input", "forget", "output", "update", "reset"]
 GATES: tuple[Gate, ...] = get_args(Gate)

@@ -40,7 +40,9 @@ ORTHOGONAL = Remedy(
     "init",
     "initialise the recurrent weight orthogonally (nn.init.orthogonal_ on weight_hh), or as "
     "the identity for a ReLU RNN (IRNN), so its spectral norm starts at 1",
-    never=frozenset({"scan"}),
+    # no weight_hh: a scan's factor is its transition, CfC mixes [x, h] in one layer, the
+    # sLSTM's recurrent kernel is block-diagonal per head
+    never=frozenset({"scan", "CfC", "sLSTM"}),
 )
 FORGET_BIAS = Remedy(
     "forget",
@@ -53,6 +55,21 @@ UPDATE_BIAS = Remedy(
     "bias the GRU update gate towards keeping the state (b_iz + b_hz about +1 to +2) so "
     "h_t copies h_{t-1} more",
     only=GRU_KINDS | {"custom"},
+)
+SLSTM_FORGET = Remedy(
+    "forget",
+    'start the sLSTM forget gates open: sLSTMLayerConfig(bias_init="small_init") sets '
+    'their bias to 3-6 (the default "powerlaw_blockdependent" spreads it from +5 down '
+    "to -7 over each head, so some units forget within a few steps)",
+    only=frozenset({"sLSTM"}),
+)
+# Hasani et al. 2022 (CfC): the state is an interpolation of two heads, with no additive
+# carry; ncps adds an LSTM memory cell for long dependencies.
+CFC_MEMORY = Remedy(
+    "memory",
+    "give the CfC a memory cell for long dependencies: CfC(..., mixed_memory=True) runs an "
+    "LSTM cell alongside it, whose cell state carries the gradient across steps",
+    only=frozenset({"CfC"}),
 )
 CLIP = Remedy(
     "clip",
@@ -115,7 +132,15 @@ REMEDIES: dict[str, tuple[Remedy, ...]] = {
     "transition_decay": (TRANSITION_INIT, TIMESCALES, TRUNCATE),
     "transition_growth": (BOUNDED_TRANSITION, CLIP, LOWER_LR),
     "nonfinite": (CLIP, LOWER_LR, NONFINITE_INPUT, AMP),
-    "vanishing": (GATED_CELL, FORGET_BIAS, UPDATE_BIAS, ORTHOGONAL, TRANSITION_INIT),
+    "vanishing": (
+        GATED_CELL,
+        FORGET_BIAS,
+        UPDATE_BIAS,
+        SLSTM_FORGET,
+        CFC_MEMORY,
+        ORTHOGONAL,
+        TRANSITION_INIT,
+    ),
     "exploding": (CLIP, SPECTRAL, LOWER_LR, TRUNCATE, BOUNDED_TRANSITION),
 }
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch._base.vocabulary import LSTM_KINDS, VERDICTS
+from gradwatch._base.vocabulary import CELL_STATE_KINDS, VERDICTS
 
 __all__ = [
     "DIAGNOSIS_METRIC",
@@ -87,8 +87,9 @@ class Header:
 
 
 def profile_rows(kind: str) -> tuple[str, ...]:
-    """Row names for a module kind: ``cell_total`` for LSTM kinds, fixed per call."""
-    cell = ("cell_total",) if kind in LSTM_KINDS else ()
+    """Row names for a module kind: ``cell_total`` for kinds with a cell state, fixed per
+    call."""
+    cell = ("cell_total",) if kind in CELL_STATE_KINDS else ()
     return PER_STEP_ROWS + cell + PER_LAYER_ROWS
 
 
