@@ -7,7 +7,6 @@ from torch import Tensor
 
 from gradwatch._capture.probes import BLOCK, fused_logs, renormalise
 from gradwatch._capture.recurrences import (
-    PACKED_ABOVE,
     BackwardResult,
     LayerWeights,
     Recurrence,
@@ -183,50 +182,75 @@ class LSTMRecurrence(Recurrence):
             return super().backward(direct, dh_n, dc_n, last, valid, input_grad, probes)
         # Every sequence covers every step. At small sizes the walk is bound by the number
         # of Python-level operations per step (each op and each tensor view costs about as
-        # much as the arithmetic), so the loop takes as few as possible: fresh per-step results
-        # stacked once at the end, one coefficient view per factor. Probe rounds are a
-        # leading dimension ``[1 + R, B, *]`` the coefficients broadcast over.
+        # much as the arithmetic), so the loop takes as few as possible: six, each writing
+        # straight into a whole-sequence buffer (``out=``) through views made once, so
+        # nothing is stacked afterwards. Probe rounds are a leading dimension
+        # ``[1 + R, B, *]`` the coefficients broadcast over (``R = 0`` without probes).
         T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
         if probes is None and direct.numel() * 4 * direct.element_size() > BUFFERED_ABOVE:
             return self._backward_buffered(direct, dh_n, dc_n, last, input_grad)
         if dh_n is not None:
             direct = direct + last * dh_n
+        if not T:
+            empty, cells = direct.new_empty(0, B, direct.shape[-1]), direct.new_empty(0, B, H)
+            return BackwardResult(empty, direct, empty, cells, cells, None)
         visit = list(reversed(self.order(T)))
-        dc = dc_n if dc_n is not None else direct.new_zeros(B, H)
-        fused = probes is not None and T > 0
-        if fused:
-            assert probes is not None
-            full = direct.new_zeros(T, 1 + probes[0].shape[0], B, direct.shape[2])
+        L = 1 if probes is None else 1 + probes[0].shape[0]
+        # [total_h, carried_h, total_c, carried_c, direct] x [T, L, B, H]: slices 1: are the
+        # probe rounds; the direct gradient of a probe is its unit start, nothing after
+        buf = direct.new_empty(5, T, L, B, H)
+        total_h, carried_h, total_c, carried_c, full = buf.unbind()
+        if probes is None:
+            full = direct.unsqueeze(1)
+        else:
+            full.zero_()
             full[:, 0] = direct
             full[visit[0], 1:] = probes[0]
-            direct = full
-            dc = torch.cat([dc.unsqueeze(0), probes[1]])
-        direct_t, k_c_t, k_t, f_t = (x.unbind() for x in (direct, self._k_c, self._k, self._f))
-        w = self.w.w_hh
-        packed = w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= PACKED_ABOVE
-        lead, width = direct.shape[1:-1], direct.shape[-1]
-        carry_h = direct.new_zeros(*lead, width)
-        total_h, carried_h, total_c, carried_c, d_as = ([] for _ in range(5))
-        log_scale = None
-        if fused:
-            log_scale = direct.new_zeros(T, lead[0] - 1, B, dtype=torch.float64)
+            carried_c[visit[0], 1:] = probes[1]
+        carried_h[visit[0]].zero_()
+        if dc_n is not None:
+            carried_c[visit[0], 0] = dc_n
+        else:
+            carried_c[visit[0], 0].zero_()
+        # d(pre-activations): kept for dL/dx, else one slot written over at every step
+        d_a = direct.new_empty(T if input_grad else 1, L, B, 4 * H)
+        d_a_t, d_a_rows = d_a.unbind(), d_a.view(d_a.shape[0], L * B, 4 * H).unbind()
+        total_h_t, carried_h_t, total_c_t, carried_c_t, direct_t = (
+            x.unbind() for x in (total_h, carried_h, total_c, carried_c, full)
+        )
+        carried_h_rows = carried_h.view(T, L * B, H).unbind()
+        k_c_t, k_t, f_t = (x.unbind() for x in (self._k_c, self._k, self._f))
+        into = self._to_state_into()
+        log_scale = None if probes is None else direct.new_zeros(T, L - 1, B, dtype=torch.float64)
         for n, t in enumerate(visit):
-            carried_h.append(carry_h)
-            carried_c.append(dc)  # the first one: the final-state gradient (direct, below)
-            dh = torch.add(direct_t[t], carry_h)
-            dct = torch.addcmul(dc, dh, k_c_t[t])
-            d_a = torch.cat([dh, dct, dct, dct], dim=-1).mul_(k_t[t])
-            total_h.append(dh)
-            total_c.append(dct)
-            if input_grad:  # the data rows only
-                d_as.append(d_a[0] if fused else d_a)
+            s = t if input_grad else 0
+            dh = torch.add(direct_t[t], carried_h_t[t], out=total_h_t[t])
+            dct = torch.addcmul(carried_c_t[t], dh, k_c_t[t], out=total_c_t[t])
+            torch.cat([dh, dct, dct, dct], dim=-1, out=d_a_t[s]).mul_(k_t[t])
             if n + 1 < T:
-                dc = torch.mul(dct, f_t[t])
-                carry_h = self._to_state(d_a) if packed or fused else torch.mm(d_a, w)
+                nxt = visit[n + 1]
+                torch.mul(dct, f_t[t], out=carried_c_t[nxt])
+                into(d_a_rows[s], carried_h_rows[nxt])
                 if log_scale is not None and (n + 1) % BLOCK == 0:
-                    renormalise([carry_h[1:], dc[1:]], log_scale[n + 1])
-        lists = [total_h, carried_h, total_c, carried_c, d_as]
-        return self._assemble(visit, direct, lists, fused, log_scale, last)
+                    renormalise([carried_h_t[nxt][1:], carried_c_t[nxt][1:]], log_scale[n + 1])
+        return self._results(buf, full, d_a if input_grad else None, visit[0], log_scale, last)
+
+    def _results(self, buf, full, d_a, first, log_scale, last):
+        """Split the walk's buffers into the data's results and the probes' log norms."""
+        total_h, carried_h, total_c, carried_c = buf[:4].unbind()
+        carried_c[first, 0] = 0  # the final-state gradient is direct, not carried
+        res = BackwardResult(
+            total_h[:, 0], full[:, 0], carried_h[:, 0], carried_c[:, 0], total_c[:, 0], None
+        )
+        if log_scale is not None:
+            parts = [total_h[:, 1:], carried_c[:, 1:]]
+            starts = last[..., 0] > 0
+            res.probe_logs, res.probe_ok = fused_logs(parts, log_scale, self.reverse, None, starts)
+        if d_a is not None:
+            T, L, B, G = d_a.shape
+            rows = d_a.view(T * B, G) if L == 1 else d_a[:, 0].reshape(T * B, G)
+            res.grad_input = torch.mm(rows, self.w.w_ih).view(T, B, -1)
+        return res
 
     def _backward_buffered(self, direct, dh_n, dc_n, last, input_grad):
         """The same walk for large calls: results written into whole-sequence buffers (no
@@ -261,31 +285,6 @@ class LSTMRecurrence(Recurrence):
         self._spent = True
         res = BackwardResult(total_h, direct, carried_h, carried_c, total_c, None)
         if input_grad:
-            res.grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
-        return res
-
-    def _assemble(self, visit, direct, lists, fused, log_scale, last):
-        """Stack the per-step results in time order and split the data from the probes."""
-        T, H = len(visit), self.hidden_size
-        if not T:
-            B = direct.shape[1]
-            empty = direct.new_empty(0, B, direct.shape[-1])
-            cells = direct.new_empty(0, B, H)
-            return BackwardResult(empty, direct, empty, cells, cells, None)
-        order = slice(None, None, -1) if not self.reverse else slice(None)
-        total_h, carried_h, total_c, carried_c = (torch.stack(x[order]) for x in lists[:4])
-        data = (lambda x: x[:, 0]) if fused else (lambda x: x)
-        data(carried_c)[visit[0]] = 0  # the final-state gradient is direct, not carried
-        res = BackwardResult(
-            data(total_h), data(direct), data(carried_h), data(carried_c), data(total_c), None
-        )
-        if log_scale is not None:
-            parts = [total_h[:, 1:], carried_c[:, 1:]]
-            starts = last[..., 0] > 0
-            res.probe_logs, res.probe_ok = fused_logs(parts, log_scale, self.reverse, None, starts)
-        if lists[4]:
-            d_a = torch.stack(lists[4][order])
-            B = d_a.shape[1]
             res.grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
         return res
 
