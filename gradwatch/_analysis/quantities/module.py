@@ -44,7 +44,11 @@ def to_host(values: dict[str, Tensor]) -> dict[str, Tensor]:
     if not values:
         return {}
     keys = list(values)
-    flat = torch.cat([values[k].detach().reshape(-1).to(torch.float64) for k in keys]).cpu()
+    # one concatenation (it promotes float32 to float64 exactly where both are present)
+    flat = torch.cat([values[k].reshape(-1) for k in keys]).detach()
+    if not flat.is_floating_point():  # integer counts: through float64, as before
+        flat = flat.to(torch.float64)
+    flat = flat.cpu()
     parts = flat.to(torch.float32).split([values[k].numel() for k in keys])
     return {k: p.view(values[k].shape) for k, p in zip(keys, parts, strict=True)}
 
