@@ -102,9 +102,11 @@ def spectral_radius(w: Tensor, key: Tensor | None = None, iters: int = _RADIUS_I
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     """Mean of ``x`` [S, B, H] over valid samples (``mask`` [S, B]) and units, in float64."""
+    if mask is None:  # accumulated in float64 without a float64 copy; counts exactly
+        if x.dtype == torch.bool:
+            return x.sum().double() / max(x.numel(), 1)
+        return x.sum(dtype=torch.float64) / x.numel() if x.numel() else x.double().mean()
     x = x.double()
-    if mask is None:
-        return x.mean()
     m = mask.unsqueeze(-1).to(x.dtype)
     return (x * m).sum() / (m.sum() * x.shape[-1]).clamp(min=1)
 
@@ -136,6 +138,11 @@ def trajectory_causes(rec: Walkable, valid: Tensor | None, steps: Tensor) -> dic
 
 def _masked_means(x: Tensor, mask: Tensor | None) -> Tensor:
     """`masked_mean` of each ``x[g]`` ([G, S, B, H] -> [G]), in float64."""
+    if mask is None and x[0].numel():  # as `masked_mean`: no float64 copy
+        n = x[0].numel()
+        if x.dtype == torch.bool:
+            return x.sum(dim=(1, 2, 3)).double() / n
+        return x.sum(dim=(1, 2, 3), dtype=torch.float64) / n
     x = x.double()
     if mask is None:
         return x.mean(dim=(1, 2, 3))
