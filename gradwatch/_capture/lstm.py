@@ -14,7 +14,6 @@ from gradwatch._capture.recurrences import (
     _zero_invalid,
     tanh,
 )
-from gradwatch._capture.stats import sample_norms
 
 __all__ = ["BUFFERED_ABOVE", "LSTMRecurrence"]
 
@@ -254,15 +253,10 @@ class LSTMRecurrence(Recurrence):
         res = BackwardResult(
             total_h[:, 0], full[:, 0], carried_h[:, 0], carried_c[:, 0], total_c[:, 0], None
         )
-        # every sample norm, of the data and of the probes, in one reduction: [4, T, L, B]
-        norms = sample_norms(buf[:4])
-        res.norms = norms[:, :, 0]
         if log_scale is not None:
             parts = [total_h[:, 1:], carried_c[:, 1:]]
             starts = last[..., 0] > 0
-            res.probe_logs, res.probe_ok = fused_logs(
-                parts, log_scale, self.reverse, None, starts, [norms[0, :, 1:], norms[3, :, 1:]]
-            )
+            res.probe_logs, res.probe_ok = fused_logs(parts, log_scale, self.reverse, None, starts)
         if d_a is not None:
             T, L, B, G = d_a.shape
             rows = d_a.view(T * B, G) if L == 1 else d_a[:, 0].reshape(T * B, G)

@@ -169,12 +169,7 @@ def renormalise(parts: list[Tensor], log_scale: Tensor) -> None:
 
 
 def fused_logs(
-    parts: list[Tensor],
-    log_scale: Tensor,
-    reverse: bool,
-    valid: Tensor | None,
-    last: Tensor,
-    norms: list[Tensor] | None = None,
+    parts: list[Tensor], log_scale: Tensor, reverse: bool, valid: Tensor | None, last: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Log norms ``[R, T, B]`` of probes walked alongside the replay, and whether they are
     trustworthy (a device bool).
@@ -183,11 +178,9 @@ def fused_logs(
     divided by the renormalisations made so far), ``log_scale`` ``[T, R, B]`` the log of
     the renormalisation made just before each state, in visiting order (zero elsewhere),
     ``last`` the ``[T, B]`` starts (`last_steps`): logs are relative to the stored start, so
-    they are exactly zero there. ``norms``: the float64 norms of ``parts`` over their last
-    dimension where the caller has them already.
+    they are exactly zero there.
     """
-    if norms is None:
-        norms = [torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64) for x in parts]
+    norms = [torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64) for x in parts]
     norm = norms[0] if len(norms) == 1 else torch.hypot(norms[0], norms[1])
     cumulative = log_scale.cumsum(0)
     if not reverse:  # visiting order is T-1 .. 0

@@ -56,9 +56,6 @@ class BackwardResult:
     # and whether their range was safe (device bool); None without probes
     probe_logs: Tensor | None = None
     probe_ok: Tensor | None = None
-    # float64 sample norms [4, T, B] of total_h, carried_h, total_c, carried_c, where the walk
-    # computed them at once (one reduction instead of one per tensor); None: not computed
-    norms: Tensor | None = None
 
 
 # Below this many weight elements a plain ``torch.mm`` beats oneDNN's packed product on the

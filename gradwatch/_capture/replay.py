@@ -20,12 +20,7 @@ from gradwatch._capture.layered import LazyRecurrence, recomputes
 from gradwatch._capture.probes import last_steps, unit_probes
 from gradwatch._capture.probes import walk as walk_probes
 from gradwatch._capture.raw import Walkable
-from gradwatch._capture.recurrences import (
-    BackwardResult,
-    LayerWeights,
-    Recurrence,
-    make_recurrence,
-)
+from gradwatch._capture.recurrences import LayerWeights, Recurrence, make_recurrence
 from gradwatch._capture.stats import relative_deviation, sample_norms, sampled_steps, step_mean
 
 if TYPE_CHECKING:
@@ -316,16 +311,14 @@ class _Walk:
             direct, dh_n, dc_n, self.last[d], valid, input_grad, unit if fused else None
         )
         stats = self.stats
-        # [total_h, carried_h, total_c, carried_c] norms: computed by the walk, or here
-        n = res.norms
-        if n is None:
-            n = [sample_norms(x) if x is not None else None for x in _norm_parts(res)]
-        stats["total"][layer, d] = step_mean(n[0], valid2)
+        stats["total"][layer, d] = step_mean(sample_norms(res.total_h), valid2)
         stats["direct"][layer, d] = step_mean(sample_norms(res.direct_h), valid2)
-        carry = n[1] if n[3] is None else torch.hypot(n[1], n[3])
+        carry = sample_norms(res.carried_h)
+        if res.carried_c is not None:
+            carry = torch.hypot(carry, sample_norms(res.carried_c))
         stats["carried"][layer, d] = step_mean(carry, valid2)
-        if "cell_total" in stats and n[2] is not None:
-            stats["cell_total"][layer, d] = step_mean(n[2], valid2)
+        if "cell_total" in stats and res.total_c is not None:
+            stats["cell_total"][layer, d] = step_mean(sample_norms(res.total_c), valid2)
         grad_input = res.grad_input
         if fused:
             logs = res.probe_logs
@@ -348,10 +341,6 @@ class _Walk:
         device_type = call.weights[0].device.type if call.weights else "cpu"
         with torch.no_grad(), torch.autocast(device_type, enabled=False), call.mode.context():
             return self.setup.run_layer(layer, self.inputs[layer])[d][0]
-
-
-def _norm_parts(res: BackwardResult) -> list[Tensor | None]:
-    return [res.total_h, res.carried_h, res.total_c, res.carried_c]
 
 
 def _real_state(x: Tensor, lay: _Layout, dtype: torch.dtype) -> Tensor:
