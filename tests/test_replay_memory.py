@@ -212,3 +212,25 @@ def test_a_large_capture_holds_less_than_the_training_step(monkeypatch):
     assert all_held - one_layer > 1.5 * layer
     assert one_layer <= 0.5 * step_peak  # the issue's bound (measured: 0.25 to 0.29)
     assert one_layer < 2.5 * layer
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_stacked_lstm_walk_gives_the_same_report_as_the_in_place_walk(bidirectional, monkeypatch):
+    """Mid-sized LSTM calls stack fresh per-step results (`lstm.IN_PLACE_UP_TO`); small ones
+    write into whole-sequence buffers. Both walks are the same arithmetic: the statistics, the
+    propagation and dL/dx agree up to float32 rounding (products into differently aligned
+    memory may round differently), and both are exact."""
+    module = nn.LSTM(5, 8, num_layers=2, bidirectional=bidirectional)
+    call = _call(module, packed=False, steps=40, batch=3)  # past one probe block (16 steps)
+    reports, grads = [], []
+    for limit in (2**62, 0):
+        monkeypatch.setattr(lstm, "IN_PLACE_UP_TO", limit)
+        causes._warm.clear()
+        reports.append(analyze(capture_call(call)))
+        grads.append(fused.replay(call, input_grad=True).grad_input)
+    held, stacked = reports
+    assert held.exact and stacked.exact and held.gain is not None
+    for name in ("total", "carried", "direct", "cell_total"):
+        torch.testing.assert_close(getattr(held, name), getattr(stacked, name), rtol=1e-6, atol=0)
+    torch.testing.assert_close(held.propagation, stacked.propagation, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from gradwatch._capture.probes import BLOCK, fused_logs, renormalise
 from gradwatch._capture.recurrences import (
+    PACKED_ABOVE,
     BackwardResult,
     LayerWeights,
     Recurrence,
@@ -21,6 +22,10 @@ __all__ = ["BUFFERED_ABOVE", "LSTMRecurrence"]
 # call's, see `gradwatch._capture.layered`) writes into whole-sequence buffers over the spent
 # coefficients instead of stacking per-step results.
 BUFFERED_ABOVE = 4 * 2**20
+# Up to this size of the walk's results (bytes, probes included), the walk writes them in place
+# into whole-sequence buffers (fewest operations per step: small calls are bound by their
+# count); above it, fresh memory for those buffers at every capture costs more (page faults).
+IN_PLACE_UP_TO = 4 * 2**20
 
 
 def _activate(acts: Tensor, split: int) -> None:
@@ -205,8 +210,10 @@ class LSTMRecurrence(Recurrence):
         if not T:
             empty, cells = direct.new_empty(0, B, direct.shape[-1]), direct.new_empty(0, B, H)
             return BackwardResult(empty, direct, empty, cells, cells, None)
-        visit = list(reversed(self.order(T)))
         L = 1 if probes is None else 1 + probes[0].shape[0]
+        if 5 * T * L * B * H * direct.element_size() > IN_PLACE_UP_TO:
+            return self._backward_stacked(direct, dc_n, last, input_grad, probes)
+        visit = list(reversed(self.order(T)))
         # [total_h, carried_h, total_c, carried_c, direct] x [T, L, B, H]: slices 1: are the
         # probe rounds; the direct gradient of a probe is its unit start, nothing after
         buf = direct.new_empty(5, T, L, B, H)
@@ -261,6 +268,68 @@ class LSTMRecurrence(Recurrence):
             T, L, B, G = d_a.shape
             rows = d_a.view(T * B, G) if L == 1 else d_a[:, 0].reshape(T * B, G)
             res.grad_input = torch.mm(rows, self.w.w_ih).view(T, B, -1)
+        return res
+
+    def _backward_stacked(self, direct, dc_n, last, input_grad, probes):
+        """The walk for mid-sized calls: fresh per-step results stacked once at the end.
+        Large whole-sequence buffers written step by step would cost a page fault per 4 KiB
+        of fresh memory at every capture; per-step tensors reuse the allocator's memory."""
+        T, B, H = direct.shape[0], direct.shape[1], self.hidden_size
+        visit = list(reversed(self.order(T)))
+        dc = dc_n if dc_n is not None else direct.new_zeros(B, H)
+        fused = probes is not None and T > 0
+        if fused:
+            assert probes is not None
+            full = direct.new_zeros(T, 1 + probes[0].shape[0], B, direct.shape[2])
+            full[:, 0] = direct
+            full[visit[0], 1:] = probes[0]
+            direct = full
+            dc = torch.cat([dc.unsqueeze(0), probes[1]])
+        direct_t, k_c_t, k_t, f_t = (x.unbind() for x in (direct, self._k_c, self._k, self._f))
+        w = self.w.w_hh
+        packed = w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= PACKED_ABOVE
+        lead, width = direct.shape[1:-1], direct.shape[-1]
+        carry_h = direct.new_zeros(*lead, width)
+        total_h, carried_h, total_c, carried_c, d_as = ([] for _ in range(5))
+        log_scale = None
+        if fused:
+            log_scale = direct.new_zeros(T, lead[0] - 1, B, dtype=torch.float64)
+        for n, t in enumerate(visit):
+            carried_h.append(carry_h)
+            carried_c.append(dc)  # the first one: the final-state gradient (direct, below)
+            dh = torch.add(direct_t[t], carry_h)
+            dct = torch.addcmul(dc, dh, k_c_t[t])
+            d_a = torch.cat([dh, dct, dct, dct], dim=-1).mul_(k_t[t])
+            total_h.append(dh)
+            total_c.append(dct)
+            if input_grad:  # the data rows only
+                d_as.append(d_a[0] if fused else d_a)
+            if n + 1 < T:
+                dc = torch.mul(dct, f_t[t])
+                carry_h = self._to_state(d_a) if packed or fused else torch.mm(d_a, w)
+                if log_scale is not None and (n + 1) % BLOCK == 0:
+                    renormalise([carry_h[1:], dc[1:]], log_scale[n + 1])
+        lists = [total_h, carried_h, total_c, carried_c, d_as]
+        return self._assemble(visit, direct, lists, fused, log_scale, last)
+
+    def _assemble(self, visit, direct, lists, fused, log_scale, last):
+        """Stack the per-step results in time order and split the data from the probes."""
+        T, H = len(visit), self.hidden_size
+        order = slice(None, None, -1) if not self.reverse else slice(None)
+        total_h, carried_h, total_c, carried_c = (torch.stack(x[order]) for x in lists[:4])
+        data = (lambda x: x[:, 0]) if fused else (lambda x: x)
+        data(carried_c)[visit[0]] = 0  # the final-state gradient is direct, not carried
+        res = BackwardResult(
+            data(total_h), data(direct), data(carried_h), data(carried_c), data(total_c), None
+        )
+        if log_scale is not None:
+            parts = [total_h[:, 1:], carried_c[:, 1:]]
+            starts = last[..., 0] > 0
+            res.probe_logs, res.probe_ok = fused_logs(parts, log_scale, self.reverse, None, starts)
+        if lists[4]:
+            d_a = torch.stack(lists[4][order])
+            B = d_a.shape[1]
+            res.grad_input = torch.mm(d_a.view(T * B, 4 * H), self.w.w_ih).view(T, B, -1)
         return res
 
     def _backward_buffered(self, direct, dh_n, dc_n, last, input_grad):

@@ -56,17 +56,17 @@ def to_host(values: dict[str, Tensor]) -> dict[str, Tensor]:
 def _grid(
     items: dict[tuple[int, int], dict[str, Tensor]], layers: int, dirs: int
 ) -> dict[str, Tensor]:
-    """{(l, d): {name: scalar or [T]}} -> {name: [L, D] or [L, D, T]} (device tensors)."""
+    """{(l, d): {name: scalar or [T]}} -> {name: [L, D] or [L, D, T]} (device tensors, in
+    their own dtype: `to_host` promotes them all to one in its single concatenation)."""
     names = list(dict.fromkeys(k for v in items.values() for k in v))
     order = [(layer, d) for layer in range(layers) for d in range(dirs)]
     out = {}
     for name in names:
         cells = [items[key][name] for key in order]
         if len(cells) == 1:
-            one = cells[0].to(torch.float64)
-            out[name] = one.reshape(1, 1, *one.shape)
+            out[name] = cells[0].reshape(1, 1, *cells[0].shape)
             continue
-        stacked = torch.stack([c.to(torch.float64) for c in cells])
+        stacked = torch.stack(cells)  # promotes mixed dtypes exactly, as `to_host` does
         out[name] = stacked.view(layers, dirs, *stacked.shape[1:])
     return out
 
