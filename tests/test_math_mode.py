@@ -125,3 +125,20 @@ def test_a_deviation_above_the_mode_tolerance_is_never_exact():
     rep = replay_fused_call(call)
     assert not rep.exact and rep.fidelity > TOLERANCE["bfloat16"]
     assert "bfloat16" in (rep.approximate_reason or "")
+
+
+def test_the_fidelity_is_the_largest_deviation_over_the_largest_value_of_all_tensors():
+    """`relative_deviation` compares small tensors in one flat pass: the same figure as one
+    comparison per tensor, checked against a closed form (matching NaN and Inf count as equal,
+    a NaN against a number does not)."""
+    from gradwatch._capture import stats
+
+    real = [torch.tensor([[1.0, -4.0]]), torch.tensor([2.0, float("nan"), float("inf")])]
+    replayed = [torch.tensor([[1.5, -4.0]]), torch.tensor([1.0, float("nan"), float("inf")])]
+    # largest deviation 1.0 (2 vs 1), largest finite real value 4.0 (the Inf counts as 0)
+    assert stats.relative_deviation(replayed, real).item() == 0.25
+    per_tensor = [stats.relative_deviation([a], [b]) for a, b in zip(replayed, real, strict=True)]
+    assert per_tensor[0].item() == 0.5 / 4.0 and per_tensor[1].item() == 1.0 / 2.0
+    replayed[1][1] = 3.0  # a NaN that the replay does not reproduce
+    assert stats.relative_deviation(replayed, real).isnan()
+    assert stats.relative_deviation([torch.zeros(0)], [torch.zeros(0)]).item() == 0.0

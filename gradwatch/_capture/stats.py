@@ -9,6 +9,7 @@ from torch import Tensor
 __all__ = ["MAX_SAMPLED_STEPS", "relative_deviation", "sample_norms", "sampled_steps", "step_mean"]
 
 MAX_SAMPLED_STEPS = 32  # trajectory statistics and fidelity probes look at this many steps
+_FLAT_UP_TO = 2**16  # `relative_deviation` compares up to this many values in one flat pass
 
 
 def sample_norms(x: Tensor) -> Tensor:
@@ -42,10 +43,10 @@ def relative_deviation(replayed: list[Tensor], real: list[Tensor]) -> Tensor:
     not inflate the figure). Matching non-finite values count as equal. A device scalar:
     it reaches the host with the rest of the report, in one copy."""
     pairs = [(a, b) for a, b in zip(replayed, real, strict=True) if b.numel()]
-    if len(pairs) > 1 and _one_kind(pairs):
+    if len(pairs) > 1 and sum(b.numel() for _, b in pairs) <= _FLAT_UP_TO and _one_kind(pairs):
         # one flat comparison instead of one per tensor (the largest deviation and the
         # largest value over all are the same): at small sizes each operation costs more
-        # than its arithmetic
+        # than its arithmetic (at large sizes, the copies would cost more than they save)
         pairs = [
             (
                 torch.cat([a.reshape(-1) for a, _ in pairs]),
