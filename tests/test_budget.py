@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import pytest
 
@@ -34,15 +36,23 @@ class Loop:
         self.captured: list[int] = []
         self.signalled: list[int] = []
         self.first = True
+        self.capture_costs: dict[int, float] = {}  # steps whose capture costs otherwise
+        self.aftermath = 0.0
         self._capture_next = False
         self._signals_next = True
 
-    def run(self, steps: int, forced: set[int] = frozenset()) -> None:
+    def run(self, steps: int, forced: Mapping[int, str] = MappingProxyType({})) -> None:
         for _ in range(steps):
-            captured = self._capture_next or self.step in forced
+            captured = self._capture_next or (
+                self.step in forced and self.s.force_allowed(forced[self.step])
+            )
             signals = self._signals_next or captured
             own = self.capture if captured else (self.signal if signals else self.quiet)
+            if captured:
+                own = self.capture_costs.get(self.step, own)
             interval = None if self.first else self.train + own
+            if interval is not None and self.captured and self.captured[-1] == self.step - 1:
+                interval += self.aftermath  # the step after a capture runs slower
             self.first = False
             self.s.record(interval, own, captured=captured, signals=signals)
             if captured:
@@ -87,23 +97,98 @@ def test_the_estimate_follows_the_measured_capture_cost():
     loop.run(5000)
     first, second, third = loop.captured[:3]
     assert first == 50  # 3.2 ms / (0.02 * 3.2 ms)
-    # the first capture overspent: the next waits until the budget holds both (32 ms:
-    # 500 steps), the following ones come every 16 ms / (0.02 * 3.2 ms) = 250 steps
-    assert second == pytest.approx(500, abs=2)
-    assert third - second == pytest.approx(250, abs=2)
+    # the first capture (it may hold one-time work) is an estimate of at most the prior:
+    # the next comes when the budget holds the 16 ms spent plus 3.2 ms (300 steps); from
+    # then the running average (3.2 + 16) / 2 ms, and the third waits for 41.6 ms: 650 steps
+    assert second == pytest.approx(300, abs=2)
+    assert third == pytest.approx(650, abs=2)
+    # the estimate converges on the measured cost: a capture every 16 / 0.064 = 250 steps
+    late = loop.captured[-6:]
+    assert {b - a for a, b in itertools.pairwise(late)} <= {249, 250, 251}, late
     assert s.overhead().fraction <= 0.02
 
 
-def test_forced_captures_happen_at_once_and_are_paid_from_the_budget():
-    forced = {300, 301, 302, 303}
+def test_a_first_capture_with_one_time_work_does_not_stall_the_schedule():
+    # the first capture costs 100 steps (imports, first kernel calls), the next ones 2
+    s = BudgetScheduler(0.02, prior_capture=4.0)
+    loop = Loop(s, signal=0.0, quiet=0.0, capture=6.4e-3)
+    loop.capture_costs = {201: 0.32}
+    loop.run(8000)
+    assert loop.captured[0] == 201  # 4 steps / 0.02, the first interval untimed
+    # the 320 ms are paid in full (16,000 steps of budget), the estimate stays at 4 steps
+    o = s.overhead()
+    assert o.spent_s == pytest.approx(0.32 + (o.captures - 1) * 6.4e-3)
+    # the next waits until the budget holds 320 ms plus the capped estimate of 12.8 ms
+    # (16.64 s of training: 5200 steps), then the estimate falls to the real 2 steps: a
+    # capture every 6.4 ms / 64 us = 100 steps
+    assert loop.captured[1] == pytest.approx(5201, abs=2)
+    late = loop.captured[-5:]
+    assert {b - a for a, b in itertools.pairwise(late)} <= {99, 100, 101}, late
+    assert o.fraction <= 0.02
+
+
+def test_the_slower_step_after_a_capture_is_counted_as_the_captures_cost():
+    s = BudgetScheduler(0.02)
+    loop = Loop(s, signal=0.0, quiet=0.0, capture=6.4e-3)
+    loop.aftermath = 3.2e-3  # the step after a capture takes twice as long
+    loop.run(6000)
+    o = s.overhead()
+    # 6.4 + 3.2 ms per capture, but a capture right after another hides the first's
+    # aftermath in its own interval (there it counts as training)
+    caps = set(loop.captured)
+    hidden = sum(c + 1 in caps for c in caps)
+    assert hidden == 1  # the first capture's estimate (its own time) let a second follow
+    n = o.captures
+    # (the hidden aftermath also raised the running step time by 10%, so the next excess
+    # read 0.32 ms less: within abs=0.5 ms)
+    assert o.spent_s == pytest.approx(n * 6.4e-3 + (n - hidden) * 3.2e-3, abs=0.5e-3)
+    assert o.training_s == pytest.approx((5999 + hidden) * 3.2e-3, abs=0.5e-3)
+    # a capture costs 3 steps in all: one every 9.6 ms / 64 us = 150 steps
+    late = loop.captured[-5:]
+    assert {b - a for a, b in itertools.pairwise(late)} <= {149, 150, 151}, late
+    assert o.fraction <= 0.02
+
+
+def test_forced_captures_happen_at_once_unless_the_budget_is_overdrawn():
+    forced = dict.fromkeys((300, 301, 302, 303), "spike")
     s = BudgetScheduler(0.02)
     loop = Loop(s, signal=0.0, quiet=0.0, capture=16e-3)
     loop.run(3000, forced=forced)
-    assert forced <= set(loop.captured)
+    # the first spike is captured at once; the budget is then overdrawn (32 ms spent for
+    # 19.2 ms allowed) and the next three are counted, not captured
+    assert 300 in loop.captured and not {301, 302, 303} & set(loop.captured)
+    o = s.overhead()
+    assert o.uncaptured == 3
     after = [c for c in loop.captured if c > 303]
-    # four captures of 5 steps each borrowed 20 steps * 50 = 1000 steps of budget
-    assert after[0] >= 303 + 4 * 250 - 300 + 1, loop.captured
-    assert s.overhead().fraction <= 0.02 + 16e-3 / (3000 * 3.2e-3)
+    # scheduled captures wait until the budget holds 48 ms: 750 steps of training
+    assert after[0] >= 700, loop.captured
+    # overshoot: at most one capture at any time
+    assert o.fraction <= 0.02
+    assert "3 spikes not captured" in o.describe()
+
+
+def test_a_spiking_run_overshoots_the_budget_by_at_most_one_capture():
+    s = BudgetScheduler(0.02)
+    loop = Loop(s, signal=0.0, quiet=0.0, capture=16e-3)
+    loop.run(4000, forced=dict.fromkeys(range(100, 4000), "spike"))  # every step spikes
+    o = s.overhead()
+    assert o.fraction <= 0.02 + 16e-3 / o.training_s
+    assert o.fraction == pytest.approx(0.02, rel=0.1)
+    late = [c for c in loop.captured if c >= 100]
+    assert o.uncaptured + len(late) == 3900  # every spike is captured or counted
+
+
+def test_the_first_nonfinite_step_is_captured_even_when_the_budget_is_overdrawn():
+    s = BudgetScheduler(0.02)
+    s.record(None, 0.0, captured=False, signals=True)
+    s.record(3.2e-3 + 0.1, 0.1, captured=True, signals=True)  # 100 ms spent, 3.2 ms trained
+    assert not s.force_allowed("spike")
+    assert not s.force_allowed("nonfinite")
+    assert s.force_allowed("nonfinite", first_nonfinite=True)
+    assert s.uncaptured == 2
+    fixed = BudgetScheduler(0.02, every_n_steps=100)  # a fixed schedule: the user pays
+    fixed.record(3.2e-3 + 0.1, 0.1, captured=True, signals=True)
+    assert fixed.force_allowed("spike")
 
 
 def test_signals_that_cost_more_than_their_share_get_a_stride():

@@ -162,7 +162,7 @@ class Watcher:
                 monitoring=self._core.broken is None,
                 scaler=scaler,
             )
-        if out is not None or event is not None:
+        if event is not None or (out is not None and _has_news(out)):
             start = core.clock()
             try:
                 self._publish(out or StepOutcome(step), event)
@@ -181,7 +181,7 @@ class Watcher:
 
     def _publish(self, out: StepOutcome, event: ClipEvent | None) -> None:
         """Verdict changes as warnings; scalars, figures and profiles to the panels."""
-        if event is None and out.report is None and not out.changes and not out.signals:
+        if event is None and not _has_news(out):
             return  # a cheap step between logging steps: nothing to say
         for change in out.changes:
             self._core.warn(_change_message(change))
@@ -250,6 +250,11 @@ class Watcher:
             self._clip.load_state_dict(clip)
         elif self._clip is not None:
             log.info("gradwatch: the checkpoint holds no clipping state; clipping starts afresh")
+
+
+def _has_news(out: StepOutcome) -> bool:
+    """Whether a step has anything to publish (most steps under the budget have not)."""
+    return out.report is not None or bool(out.changes) or bool(out.signals)
 
 
 def _change_message(change: Any) -> str:

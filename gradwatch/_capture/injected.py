@@ -169,6 +169,10 @@ class InjectedGradients:
         self._reset()
         return out
 
+    def empty(self) -> bool:
+        """Whether nothing reached the hooks since the window started."""
+        return not (self._pending or self._grads) and self._folded.count(None) == self.size
+
     def clear(self) -> None:
         """Drop everything: at the end of a window (what was not taken belongs to it, and the
         gradients of a pass that never completed, aborted by an exception, are dropped

@@ -553,6 +553,17 @@ class Recorder:
             self.window_skipped = skipped  # after release(), which resets the window
         return results, failures
 
+    def finish_quiet(self) -> bool:
+        """Close a window in which nothing was to be recorded, if nothing was: `finish`
+        without replay, in a few operations. ``False`` (nothing done) when anything was
+        recorded, failed or reached the injected-gradient hooks."""
+        if self._window_used() or not self.injected.empty() or self.window_skipped:
+            return False
+        self._backward_seen = self._only_untrained = self._boundary = False
+        self._forward_index += 1
+        self._microbatch += 1
+        return True
+
     def release(self) -> None:
         """Release every record (hooks and tensors) and start a new window."""
         self.injected.clear()

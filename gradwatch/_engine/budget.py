@@ -19,8 +19,17 @@ Decisions, made at the end of each step for the next one:
   time, the next step's included. The expected cost is the measured own time of recent
   capture intervals (a running average); before the first capture it is ``prior_capture``
   times the training time of a step, so the first capture is paid for by the budget too.
-  Captures that the owner forces (a spike, a non-finite value) are not decided here but are
-  recorded and paid from the same budget: the scheduled ones wait until it has recovered.
+  The first capture of a run also pays for one-time work (imports, first calls of
+  kernels): it is paid in full, but as an estimate of the next ones it counts for at most
+  the prior (later captures correct the estimate). The step after a capture runs slower
+  than usual (the capture released its memory and evicted the caches): its excess over the
+  running average of a step is counted as the capture's, not as training.
+- **Forced captures** (a spike, a non-finite value) happen at once, are recorded and are paid
+  from the same budget: the scheduled ones wait until it has recovered. A spike while the
+  budget is still overdrawn by earlier captures is not captured (`force_allowed`; the spike
+  stays in the signals and is counted in ``Overhead.uncaptured``), so a run whose gradients
+  keep spiking overshoots the budget by at most one capture. The first non-finite step of a
+  run is always captured.
 - **Signals**: the cheap signals of a step may use ``signal_share`` of the budget. When they
   cost more on this model, they are computed every ``stride`` steps only, the stride chosen
   from their measured cost.
@@ -55,6 +64,7 @@ class Overhead:
         budget: The budget (a fraction of the training time), ``None`` without one.
         captures: Captured steps.
         signal_stride: Signals are computed every this many steps (1: every step).
+        uncaptured: Spikes not captured because the budget was overdrawn.
     """
 
     spent_s: float
@@ -63,15 +73,17 @@ class Overhead:
     budget: float | None
     captures: int
     signal_stride: int
+    uncaptured: int = 0
 
     def describe(self) -> str:
         """One line for the end-of-training summary."""
         budget = "no budget" if self.budget is None else f"budget {100 * self.budget:.1f}%"
         stride = "" if self.signal_stride == 1 else f", signals every {self.signal_stride} steps"
+        missed = "" if not self.uncaptured else f", {self.uncaptured} spikes not captured"
         return (
             f"gradwatch overhead: {100 * self.fraction:.2f}% of training time "
             f"({self.spent_s:.2f} s of {self.training_s:.1f} s; {budget}; "
-            f"{self.captures} captures{stride})"
+            f"{self.captures} captures{stride}{missed})"
         )
 
 
@@ -112,11 +124,13 @@ class BudgetScheduler:
         self.spent = 0.0
         self.training = 0.0
         self.captures = 0
+        self.uncaptured = 0
         self.stride = 1
         self._step: float | None = None  # running training time of one step
         self._capture: float | None = None  # running own time of a capture interval
         self._signal: float | None = None  # ... of an interval with signals, no capture
         self._quiet: float | None = None  # ... of an interval with neither
+        self._pending_capture: float | None = None  # own time of the last step, a capture
         self._since_signals = 0  # steps since the last one with signals
 
     # -- accounting ---------------------------------------------------------------------------
@@ -125,14 +139,24 @@ class BudgetScheduler:
         after an attach), ``own`` of them gradwatch's; whether the step was captured and
         had its signals computed."""
         own = max(own, 0.0)
-        self.spent += own
+        after = self._pending_capture
+        self._pending_capture = None
+        excess = 0.0
         if interval is not None:
             train = max(interval - own, 0.0)
+            if after is not None and not captured and self._step is not None:
+                # the step after a capture is slower (the capture's memory was released,
+                # caches were evicted): its excess over a usual step is the capture's cost
+                excess = max(train - self._step, 0.0)
+                train -= excess
             self.training += train
             self._step = _average(self._step, train, _STEP_ALPHA)
+        self.spent += own + excess
+        if after is not None:
+            self._capture_cost(after + excess)
         if captured:
             self.captures += 1
-            self._capture = _average(self._capture, own, _COST_ALPHA)
+            self._pending_capture = own  # its cost is known after the next step
         elif signals:
             self._signal = _average(self._signal, own, _COST_ALPHA)
         else:
@@ -140,10 +164,22 @@ class BudgetScheduler:
         self._since_signals = 0 if (signals or captured) else self._since_signals + 1
         self.stride = self._stride()
 
+    def _capture_cost(self, cost: float) -> None:
+        if self._capture is None and self._step is not None:
+            # the first capture's one-time work is no estimate of the next ones
+            cost = min(cost, self.prior_capture * self._step)
+        self._capture = _average(self._capture, cost, _COST_ALPHA)
+
     def overhead(self) -> Overhead:
         fraction = self.spent / self.training if self.training > 0 else 0.0
         return Overhead(
-            self.spent, self.training, fraction, self.fraction, self.captures, self.stride
+            self.spent,
+            self.training,
+            fraction,
+            self.fraction,
+            self.captures,
+            self.stride,
+            self.uncaptured,
         )
 
     # -- decisions for the next step ------------------------------------------------------
@@ -154,8 +190,33 @@ class BudgetScheduler:
         assert self.fraction is not None
         if self._step is None:  # nothing measured yet: no training time to pay with
             return False
-        cost = self._capture if self._capture is not None else self.prior_capture * self._step
-        return self.spent + cost <= self.fraction * (self.training + self._step)
+        return self.spent + self._expected_capture() <= self.fraction * (self.training + self._step)
+
+    def _expected_capture(self) -> float:
+        """The expected own time of a capture (``_step`` is known)."""
+        assert self._step is not None
+        prior = self.prior_capture * self._step
+        estimate = self._capture
+        last = self._pending_capture
+        if last is not None:  # the last step was a capture, its aftermath not yet known
+            first = estimate is None
+            estimate = _average(estimate, min(last, prior) if first else last, _COST_ALPHA)
+        return prior if estimate is None else estimate
+
+    def force_allowed(self, reason: str, *, first_nonfinite: bool = False) -> bool:
+        """Whether a capture forced by ``reason`` (``"spike"``, ``"nonfinite"``) happens
+        at the next step: unless the budget is overdrawn (always with a fixed schedule or
+        without a budget, and for the first non-finite step of a run). A refused spike is
+        counted in ``uncaptured``."""
+        if (
+            self.fraction is None
+            or self.every_n_steps is not None
+            or (reason == "nonfinite" and first_nonfinite)
+            or self.spent <= self.fraction * self.training
+        ):
+            return True
+        self.uncaptured += 1
+        return False
 
     def signals_next(self) -> bool:
         """Whether the next step computes the cheap signals (every `stride` steps)."""

@@ -101,6 +101,7 @@ class MonitorCore:
         self._sync = True
         self._step_kind = (False, False)  # the finished step: (captured, had signals)
         self._next_forced: str | None = None
+        self._nonfinite_seen = False  # a non-finite step has been captured in this run
         self._warned: set[str] = set()
         self.disabled: dict[str, str] = {}
         self.broken: str | None = None
@@ -227,6 +228,12 @@ class MonitorCore:
         signal stride, and on every logging step) or nothing."""
         scheduler = self.meter.scheduler
         reason = "scheduled" if scheduler.capture_next(step) else None
+        if forced is not None and reason is None:
+            first = forced == "nonfinite" and not getattr(self, "_nonfinite_seen", False)
+            if not scheduler.force_allowed(forced, first_nonfinite=first):
+                forced = None  # spiking while the budget is overdrawn: not captured
+            elif forced == "nonfinite":
+                self._nonfinite_seen = True
         self._planned = reason or forced
         signals = (  # the signals a logging step logs are its own
             self._planned is not None
@@ -269,7 +276,11 @@ class MonitorCore:
         clock = self.meter.clock
         start = clock()
         try:
-            out = self._measure(session, step, optimizer, scaler, read_flags)
+            out = None
+            if self._planned is None and not self._signals_planned and not read_flags:
+                out = self._finish_quiet(session, step)
+            if out is None:
+                out = self._measure(session, step, optimizer, scaler, read_flags)
         finally:
             self.meter.add(clock() - start)
         if end:
@@ -362,6 +373,16 @@ class MonitorCore:
         self._step_kind = (reason is not None, flag is not None)
         self._next_forced = self._late_flags(now, reason, all_of_them=flag is None)
         return StepOutcome(step, report, reason, skipped, changes, materialised, now)
+
+    def _finish_quiet(self, session: Recorder, step: int) -> StepOutcome | None:
+        """A step planned to record nothing (most steps under the budget): close its window
+        with the fewest operations; ``None`` when something was recorded after all (a
+        failure, an injected gradient, flags still pending) and the full path must run."""
+        if self._flags or not session.finish_quiet():
+            return None
+        self._step_kind = (False, False)
+        self._next_forced = None
+        return StepOutcome(step)
 
     def _late_flags(
         self, now: StepFlags | None, reason: str | None, all_of_them: bool
