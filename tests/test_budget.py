@@ -7,6 +7,7 @@ arithmetic is checked against closed forms.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Mapping
@@ -252,3 +253,95 @@ def test_the_summary_line_says_what_was_spent():
     s.record(1.0, 0.01, captured=True, signals=True)
     line = s.overhead().describe()
     assert "1.01%" in line and "budget 2.0%" in line and "1 captures" in line
+
+
+class SkippingLoop(Loop):
+    """`Loop` as the monitor core runs it: after planning a quiet step, the steps that
+    `quiet_ahead` vouches for are not planned, and their time joins the interval of the
+    run's last step (one `record` with ``steps``)."""
+
+    def __init__(self, *args, times=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.times = times  # training time of each step, else ``train``
+        self.skipped = 0
+
+    def run(self, steps: int, forced=MappingProxyType({})) -> None:
+        run_until, run_steps, run_interval, run_own = -1, 0, 0.0, 0.0
+        for _ in range(steps):
+            captured = self._capture_next
+            signals = self._signals_next or captured
+            own = self.capture if captured else (self.signal if signals else self.quiet)
+            train = self.train if self.times is None else self.times[self.step]
+            interval = None if self.first else train + own
+            self.first = False
+            if captured:
+                self.captured.append(self.step)
+            if signals:
+                self.signalled.append(self.step)
+            if self.step < run_until and not (captured or signals):
+                # the guarantee: planned step by step, the next step would not be captured
+                # either (the signals keep the stride of the run's start: with varying step
+                # times a step-by-step stride may move by one)
+                self.shadow.record(interval, own, captured=False, signals=False)
+                assert not self.shadow.capture_next(self.step + 1), self.step
+                self.skipped += 1
+                run_steps += 1
+                run_interval += interval
+                run_own += own
+                self.step += 1
+                continue
+            if run_steps:
+                interval = (interval or 0.0) + run_interval
+                own += run_own
+            self.s.record(interval, own, captured=captured, signals=signals, steps=run_steps + 1)
+            run_steps, run_interval, run_own = 0, 0.0, 0.0
+            self.step += 1
+            self._capture_next = self.s.capture_next(self.step)
+            self._signals_next = self.s.signals_next()
+            if not (self._capture_next or self._signals_next):
+                run_until = self.step + self.s.quiet_ahead(self.step)
+                self.shadow = copy.deepcopy(self.s)
+        if run_steps:  # the run still open at the end: as if its last step closed it
+            self.s.record(run_interval, run_own, captured=False, signals=False, steps=run_steps)
+
+
+@pytest.mark.parametrize("every_n_steps", [None, 97])
+def test_quiet_runs_planned_ahead_keep_the_same_schedule(every_n_steps):
+    # signals cost 200 us (a stride of 10), a capture 10 ms, steps 3.2 ms
+    kw = dict(signal=200e-6, quiet=4e-6, capture=10e-3)
+    ref = Loop(BudgetScheduler(0.02, every_n_steps=every_n_steps), **kw)
+    fast = SkippingLoop(BudgetScheduler(0.02, every_n_steps=every_n_steps), **kw)
+    ref.run(5000)
+    fast.run(5000)
+    assert fast.skipped > 3000  # most steps were not planned
+    assert fast.captured == ref.captured and len(ref.captured) > 10
+    assert fast.signalled == ref.signalled
+    a, b = fast.s.overhead(), ref.s.overhead()
+    assert (a.spent_s, a.training_s, a.fraction) == pytest.approx(
+        (b.spent_s, b.training_s, b.fraction)
+    )
+    assert a.signal_stride == b.signal_stride > 1
+
+
+def test_quiet_runs_never_skip_a_capture_when_steps_slow_down():
+    # steps between 3.2 ms and twice that, at random: the skipped steps may fill the
+    # budget faster than the running average says, but never past a capture's turn (the
+    # loop checks each skipped step against a scheduler that plans step by step)
+    import random
+
+    rng = random.Random(0)
+    times = [3.2e-3 * (1 + rng.random()) for _ in range(6000)]
+    fast = SkippingLoop(
+        BudgetScheduler(0.02), times=times, signal=200e-6, quiet=4e-6, capture=10e-3
+    )
+    fast.run(6000)
+    assert fast.skipped > 3000
+    o = fast.s.overhead()
+    assert o.captures > 20
+    assert o.fraction <= 0.02
+
+
+def _run_with_times(loop: Loop, times: list[float]) -> None:
+    for t in times:
+        loop.train = t
+        loop.run(1)

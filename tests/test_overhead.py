@@ -255,8 +255,8 @@ def test_a_nonfinite_step_while_the_budget_is_overdrawn_is_counted_not_captured(
 
 
 def test_quiet_steps_take_the_short_path_and_leave_the_same_history(clock, monkeypatch):
-    """A step planned to record nothing closes in a few operations; the signals, reports
-    and budget are those of the full path."""
+    """A step planned to record nothing closes in a few operations, and runs of them are
+    planned at once; the signals, reports and budget are those of the full path."""
     from gradwatch._engine.signals import CheapSignals
 
     real_signals = CheapSignals.host_signals
@@ -277,6 +277,8 @@ def test_quiet_steps_take_the_short_path_and_leave_the_same_history(clock, monke
             return real(self, session, step) if short else None
 
         monkeypatch.setattr(monitor_module.MonitorCore, "_finish_quiet", finish_quiet)
+        if not short:  # and every step planned on its own
+            monkeypatch.setattr(monitor_module.MonitorCore, "_quiet_ahead", lambda self, step: 0)
         mon, model = _monitor(clock, overhead_budget=0.02)
         mon._core.meter.scheduler.max_stride = 7
         with mon:
@@ -288,19 +290,24 @@ def test_quiet_steps_take_the_short_path_and_leave_the_same_history(clock, monke
         (s.step, s.grad_norm, s.spike) for s in full.signals
     ]
     assert list(short.reports) == list(full.reports)
-    assert short.overhead == full.overhead
+    a, b = short.overhead, full.overhead
+    assert (a.captures, a.signal_stride, a.uncaptured) == (b.captures, b.signal_stride, 0)
+    assert (a.spent_s, a.training_s) == pytest.approx((b.spent_s, b.training_s))
+    assert short._core.meter.steps == full._core.meter.steps == 120
 
 
 def test_a_budget_that_the_per_step_work_alone_exceeds_is_reported_once(clock, monkeypatch):
     """Per-step work of 0.5 ms against 10 ms steps is 5%, over a 2% budget: no capture can
     fit, and after 500 steps one warning says so and what to do."""
-    real = monitor_module.MonitorCore.plan_step
+    core = monitor_module.MonitorCore
+    for name in ("_measure", "_finish_quiet"):  # every step takes one of the two
+        real = getattr(core, name)
 
-    def plan_step(self, *args, **kwargs):  # the step's bookkeeping, on every step
-        clock.advance(0.5e-3)
-        return real(self, *args, **kwargs)
+        def costly(self, *args, real=real, **kwargs):
+            clock.advance(0.5e-3)
+            return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(monitor_module.MonitorCore, "plan_step", plan_step)
+        monkeypatch.setattr(core, name, costly)
     mon, model = _monitor(clock, overhead_budget=0.02)
     with mon, pytest.warns(RuntimeWarning, match=r"5\.0% .*overhead_budget=0\.02") as caught:
         _gru_loop(mon, model, clock, 520)

@@ -34,13 +34,16 @@ Clock = Callable[[], int]
 class BudgetMeter:
     """The clock, the interval bookkeeping and the scheduler of one monitor core."""
 
+    _run = 0  # (class defaults: instances pickled by earlier versions lack these)
+
     def __init__(self, fraction: float | None, every_n_steps: int | None) -> None:
         self.scheduler = BudgetScheduler(fraction, every_n_steps=every_n_steps)
         self.clock: Clock = time.perf_counter_ns
         self.own_ns = 0  # own time of the current interval, the recorder's hooks apart
         self.start: int | None = None  # None: the first interval after an attach
         self.distributed = False
-        self.steps = 0  # intervals closed
+        self.steps = 0  # steps closed
+        self._run = 0  # quiet steps skipped since the last closed interval
         self._local: BudgetScheduler | None = None  # under DDP: this rank's measurements
 
     def restart_interval(self) -> None:
@@ -57,14 +60,22 @@ class BudgetMeter:
     def add(self, ns: int) -> None:
         self.own_ns += ns
 
+    def skip_step(self, hooks_ns: int) -> None:
+        """A quiet step inside a run of them (see `BudgetScheduler.quiet_ahead`): its time
+        joins the interval that the run's last step closes."""
+        self.own_ns += hooks_ns
+        self._run += 1
+
     def end_step(self, hooks_ns: int, *, captured: bool, signals: bool, sync: bool) -> None:
-        """Close the step's interval (its own time: what was `add`-ed plus ``hooks_ns``);
-        under DDP, ``sync`` agrees on the measurements with the other ranks first."""
+        """Close the step's interval (its own time: what was `add`-ed plus ``hooks_ns``),
+        with the quiet steps skipped before it; under DDP, ``sync`` agrees on the
+        measurements with the other ranks first."""
         now = self.clock()
         own = (self.own_ns + hooks_ns) * 1e-9
         interval = None if self.start is None else (now - self.start) * 1e-9
+        steps, self._run = self._run + 1, 0
         if self._local is None or not self.distributed:
-            self.scheduler.record(interval, own, captured=captured, signals=signals)
+            self.scheduler.record(interval, own, captured=captured, signals=signals, steps=steps)
         else:
             self._local.record(interval, own, captured=captured, signals=signals)
             self._record_estimate(interval is not None, captured=captured, signals=signals)
@@ -72,7 +83,7 @@ class BudgetMeter:
                 self._synchronise()
         self.start = now
         self.own_ns = 0
-        self.steps += 1
+        self.steps += steps
 
     def unreachable(self) -> bool:
         """Whether the budget schedules captures yet none fits: gradwatch's per-step work

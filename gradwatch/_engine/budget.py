@@ -101,6 +101,10 @@ class BudgetScheduler:
         max_stride: The longest signal stride.
     """
 
+    # class defaults: instances pickled by earlier versions lack these
+    uncaptured = 0
+    _pending_capture: float | None = None
+
     def __init__(
         self,
         fraction: float | None = DEFAULT_OVERHEAD_BUDGET,
@@ -134,10 +138,19 @@ class BudgetScheduler:
         self._since_signals = 0  # steps since the last one with signals
 
     # -- accounting ---------------------------------------------------------------------------
-    def record(self, interval: float | None, own: float, *, captured: bool, signals: bool) -> None:
+    def record(
+        self,
+        interval: float | None,
+        own: float,
+        *,
+        captured: bool,
+        signals: bool,
+        steps: int = 1,
+    ) -> None:
         """One step's interval: ``interval`` wall seconds (``None`` for the first interval
         after an attach), ``own`` of them gradwatch's; whether the step was captured and
-        had its signals computed."""
+        had its signals computed. ``steps > 1``: the interval also holds the quiet steps
+        skipped before it (`quiet_ahead`), each taking an equal share."""
         own = max(own, 0.0)
         after = self._pending_capture
         self._pending_capture = None
@@ -146,12 +159,16 @@ class BudgetScheduler:
             train = max(interval - own, 0.0)
             if after is not None and not captured and self._step is not None:
                 # the step after a capture is slower (the capture's memory was released,
-                # caches were evicted): its excess over a usual step is the capture's cost
-                excess = max(train - self._step, 0.0)
+                # caches were evicted): its excess over usual steps is the capture's cost
+                excess = max(train - steps * self._step, 0.0)
                 train -= excess
             self.training += train
-            self._step = _average(self._step, train, _STEP_ALPHA)
+            self._step = _average(self._step, train / steps, _STEP_ALPHA, steps)
         self.spent += own + excess
+        if steps > 1:  # the skipped quiet steps, then this one
+            self._quiet = _average(self._quiet, own / steps, _COST_ALPHA, steps - 1)
+            self._since_signals += steps - 1
+            own /= steps
         if after is not None:
             self._capture_cost(after + excess)
         if captured:
@@ -218,6 +235,26 @@ class BudgetScheduler:
         self.uncaptured += 1
         return False
 
+    def quiet_ahead(self, step: int) -> int:
+        """How many steps after ``step`` (planned without capture and signals) surely have
+        neither a scheduled capture nor signals, so that they need no planning.
+
+        Signals: the stride of now says when (a stride that changes meanwhile applies from
+        the next run). Captures on a fixed schedule: the next multiple.
+        Captures on the budget: each step adds ``fraction`` of its training time to the
+        budget; counting steps up to twice as slow as the running average, the next
+        capture cannot fit before the budget's shortfall has been made up."""
+        ahead = self.stride - self._since_signals - 2
+        if ahead <= 0:
+            return 0
+        if self.every_n_steps is not None:
+            return min(ahead, -(step + 1) % self.every_n_steps)
+        if self.fraction is None or self._step is None:
+            return 0
+        per_step = 2.0 * self.fraction * self._step
+        short = self.spent + self._expected_capture() - self.fraction * (self.training + self._step)
+        return max(0, min(ahead, math.floor(short / per_step) - 1))
+
     def signals_next(self) -> bool:
         """Whether the next step computes the cheap signals (every `stride` steps)."""
         return self._since_signals + 1 >= self.stride
@@ -237,5 +274,8 @@ class BudgetScheduler:
         return min(self.max_stride, max(1, math.ceil(extra / (allowed - quiet))))
 
 
-def _average(old: float | None, new: float, alpha: float) -> float:
-    return new if old is None else old + alpha * (new - old)
+def _average(old: float | None, new: float, alpha: float, times: int = 1) -> float:
+    """A running average after ``times`` equal samples ``new``."""
+    if old is None:
+        return new
+    return new + (old - new) * (1.0 - alpha) ** times

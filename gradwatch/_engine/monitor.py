@@ -66,6 +66,10 @@ class MonitorCore:
     ``options`` are the validated `WatchOptions` of the adapter that owns it.
     """
 
+    # class defaults: instances pickled by earlier versions lack these
+    _nonfinite_seen = False
+    _quiet_until = -1
+
     def __init__(self, options: WatchOptions | None = None, *, warn: Warn | None = None) -> None:
         options = options or WatchOptions()
         self.options = options
@@ -102,6 +106,7 @@ class MonitorCore:
         self._step_kind = (False, False)  # the finished step: (captured, had signals)
         self._next_forced: str | None = None
         self._nonfinite_seen = False  # a non-finite step has been captured in this run
+        self._quiet_until = -1  # the last step of the planned run of quiet steps
         self._warned: set[str] = set()
         self.disabled: dict[str, str] = {}
         self.broken: str | None = None
@@ -229,7 +234,7 @@ class MonitorCore:
         scheduler = self.meter.scheduler
         reason = "scheduled" if scheduler.capture_next(step) else None
         if forced is not None and reason is None:
-            first = forced == "nonfinite" and not getattr(self, "_nonfinite_seen", False)
+            first = forced == "nonfinite" and not self._nonfinite_seen
             if not scheduler.force_allowed(forced, first_nonfinite=first):
                 forced = None  # spiking while the budget is overdrawn: not captured
             elif forced == "nonfinite":
@@ -242,8 +247,20 @@ class MonitorCore:
             or scheduler.signals_next()
         )
         self._signals_planned = signals
+        self._quiet_until = step
+        if not signals and not self.meter.distributed:
+            self._quiet_until = step + self._quiet_ahead(step)
         if self.session is not None:
             self.session.plan(capture=self._planned is not None, signals=signals)
+
+    def _quiet_ahead(self, step: int) -> int:
+        """How many steps after quiet step ``step`` are surely quiet too (no capture, no
+        signals, no logging step): those close without planning (`end_step`)."""
+        ahead = self.meter.scheduler.quiet_ahead(step)
+        every = self.log_every_n_steps
+        if every is not None and ahead > 0:
+            ahead = min(ahead, every - 1 - step % every)  # the next logging step logs
+        return ahead
 
     def is_logging_step(self, step: int) -> bool:
         return self.log_every_n_steps is not None and step % self.log_every_n_steps == 0
@@ -300,9 +317,14 @@ class MonitorCore:
         meter = self.meter
         hooks, session.own_ns = session.own_ns, 0
         captured, signals = self._step_kind
+        if step < self._quiet_until and not (captured or signals or self._next_forced):
+            # a run of quiet steps planned ahead: the next one is as quiet as this one, and
+            # the budget's interval closes at the end of the run
+            meter.skip_step(hooks)
+            return
         sync = meter.distributed and self.is_logging_step(step)  # the same steps on all ranks
         meter.end_step(hooks, captured=captured, signals=signals, sync=sync)
-        if meter.steps == _BUDGET_CHECK and meter.unreachable():
+        if meter.steps >= _BUDGET_CHECK and meter.unreachable():
             self._warn_budget()
         start = meter.start
         self.plan_step(step + 1, self._next_forced)
