@@ -26,6 +26,7 @@ bookkeeping in ``step``). A second, instrumented pass (not timed as above) split
     .venv/bin/python benchmarks/cheap_path.py            # both models
     .venv/bin/python benchmarks/cheap_path.py --quick    # a smoke run (seconds)
     .venv/bin/python benchmarks/cheap_path.py --models darts --windows 40
+    .venv/bin/python benchmarks/cheap_path.py --models darts --budget   # between captures
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ CLOCKS: dict[str, Callable[[], int]] = {
 PHASES = ("forward", "backward", "step", "optimizer")
 #: Only the cheap path: no scheduled capture after the first step, and no spike capture (the
 #: detector still runs, its threshold is never reached); a capture costs several steps.
-MONITOR: dict[str, Any] = {
+SIGNALS_EVERY_STEP: dict[str, Any] = {
     "every_n_steps": 10**9,
     "overhead_budget": None,
     "spike_factor": math.inf,
 }
+#: ``--budget``: the default overhead budget spaces the signals (no capture either)
+BETWEEN_CAPTURES = {k: v for k, v in SIGNALS_EVERY_STEP.items() if k != "overhead_budget"}
+MONITOR = SIGNALS_EVERY_STEP  # what `measure` and `breakdown` watch with (set by `main`)
 
 
 # -- the models ----------------------------------------------------------------------------
@@ -319,8 +323,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few short windows")
     parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="the default overhead budget instead of signals at every step: the average "
+        "step between captures (quiet steps, and the signals every `stride` steps)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global MONITOR
+    MONITOR = BETWEEN_CAPTURES if args.budget else SIGNALS_EVERY_STEP
     results = []
     for key in args.models.split(","):
         if key not in MODELS:

@@ -24,3 +24,20 @@ def test_quick_mode_measures_on_windows_against_their_neighbours(capsys):
         assert result.parts_us.get(part, 0.0) > 0.0, part
     out = capsys.readouterr().out
     assert "| darts-shaped LSTM" in out and "Monitor.step parts" in out
+
+
+def test_budget_mode_watches_with_the_default_budget(monkeypatch):
+    seen = []
+    real = cheap_path.gradwatch.Monitor
+
+    def monitor(model, **kwargs):
+        seen.append(kwargs)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(cheap_path.gradwatch, "Monitor", monitor)
+    monkeypatch.setattr(cheap_path, "MONITOR", cheap_path.MONITOR)  # restored after the test
+    cheap_path.main(["--quick", "--models", "darts", "--budget", "--no-breakdown"])
+    assert seen and all("overhead_budget" not in kw for kw in seen)
+    assert all(kw["every_n_steps"] == 10**9 for kw in seen)
+    cheap_path.main(["--quick", "--models", "darts", "--no-breakdown"])
+    assert seen[-1]["overhead_budget"] is None  # signals at every step without --budget
