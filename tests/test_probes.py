@@ -85,3 +85,71 @@ def test_a_walk_within_range_is_not_redone(monkeypatch):
     m = _trace_last_step_loss(rnn, torch.rand(300, 4, 3))["RNN"]
     assert m.gain[0, 0].item() == pytest.approx(0.9, rel=1e-5)
     assert m.log10_attenuation[0, 0].item() == pytest.approx(299 * math.log10(0.9), rel=1e-4)
+
+
+def test_the_probed_samples_are_all_for_small_states_and_few_for_large_ones():
+    assert probes.probed_samples(32, probes.SUBSET_FROM - 1) == slice(None)
+    assert probes.probed_samples(probes.MIN_PROBES, 4096) == slice(None)
+    chosen = range(32)[probes.probed_samples(32, probes.SUBSET_FROM)]
+    assert list(chosen) == [0, 4, 8, 12, 16, 20, 24, 28]  # MIN_PROBES, evenly spread
+    assert list(range(20)[probes.sample_slice(20, 8)]) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert probes.sample_slice(5, 8) == slice(None)
+
+
+def _sub_call(module: nn.RNNBase, packed: bool, select: slice, steps: int = 40, batch: int = 20):
+    """The call of `_call` restricted to the samples ``select``: the same inputs."""
+    torch.manual_seed(1)
+    x = torch.randn(steps, batch, module.input_size, dtype=module.weight_ih_l0.dtype)
+    lengths = torch.linspace(steps, 3, batch).round().long()
+    x, lengths = x[:, select], lengths[select]
+    inp = pack_padded_sequence(x, lengths) if packed else x
+    out, state = module(inp)
+    out_t = out.data if packed else out
+    call = fused.record_fused_call("m", "m", module, (inp,), {}, (out, state))
+    (g,) = torch.autograd.grad(out_t.pow(2).sum(), [out_t])
+    call.grads = {"out": g}
+    return call
+
+
+@pytest.mark.parametrize(
+    ("factory", "packed"),
+    [
+        (lambda: nn.LSTM(3, 6, num_layers=2), False),
+        (lambda: nn.LSTM(3, 6, bidirectional=True), True),
+        (lambda: nn.GRU(3, 6), True),
+        (lambda: nn.RNN(3, 6, num_layers=2), False),
+    ],
+)
+def test_probes_on_a_few_samples_equal_a_replay_of_those_samples_alone(
+    factory, packed, monkeypatch
+):
+    """Large states walk their probes on `MIN_PROBES` samples of the batch only (views of
+    the recorded trajectory): the log norms are those of a replay of the same inputs with
+    only those samples in the batch, and the propagation reads those samples' lengths."""
+    from gradwatch._analysis.quantities.propagation import from_walk
+
+    module = factory().double()
+    monkeypatch.setattr(probes, "SUBSET_FROM", 4)  # these small states count as large
+    full = _call(module, packed, batch=20)
+    with torch.no_grad():
+        rep = fused.replay(full, probes=True, recompute=False)
+    select = probes.probed_samples(20, 6)
+    assert list(range(20)[select]) == [0, 2, 4, 6, 8, 10, 12, 14]
+    monkeypatch.setattr(probes, "SUBSET_FROM", 10**9)  # the reference probes all its samples
+    alone = _sub_call(module, packed, select)
+    with torch.no_grad():
+        ref = fused.replay(alone, probes=True, recompute=False)
+    assert rep.walked.keys() == ref.walked.keys() == rep.recurrences.keys()
+    for key, logs in rep.walked.items():
+        assert logs.shape[-1] == 8
+        expected = ref.walked[key]
+        valid = torch.ones_like(expected[0], dtype=torch.bool)
+        if ref.valid is not None:
+            valid = ref.valid
+        mask = valid.unsqueeze(0).expand_as(logs)
+        torch.testing.assert_close(logs[mask], expected[mask], rtol=1e-11, atol=1e-11)
+        reverse = rep.recurrences[key].reverse
+        a = from_walk(logs, reverse, rep.lengths)  # finds the samples from the width
+        b = from_walk(expected, reverse, ref.lengths)
+        torch.testing.assert_close(a.gain, b.gain, rtol=1e-11, atol=0)
+        torch.testing.assert_close(a.curve, b.curve, rtol=1e-11, atol=1e-11, equal_nan=True)

@@ -54,6 +54,7 @@ class LSTMRecurrence(Recurrence):
 
     gates = 4
     has_cell = True
+    per_sample = ("_acts", "_f", "_k_c", "_k_o", "_k_ifg", "_k")
 
     def __init__(self, weights: LayerWeights, reverse: bool) -> None:
         H = weights.w_hh.shape[0] // 4

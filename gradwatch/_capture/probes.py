@@ -32,9 +32,12 @@ __all__ = [
     "MIN_PROBES",
     "PROBE_SEED",
     "SAFE_RANGE",
+    "SUBSET_FROM",
     "fused_logs",
     "last_steps",
     "probe_rounds",
+    "probed_samples",
+    "sample_slice",
     "unit_probes",
     "walk",
 ]
@@ -45,7 +48,30 @@ MIN_PROBES = 8  # at least this many probe vectors in all (samples x rounds)
 # renormalisations its norm must stay where the dtype keeps full precision: otherwise the
 # layer is walked again step by step (`fused_logs` says so).
 BLOCK = 16
+# From this state size on, probes are walked on `MIN_PROBES` samples only (`probed_samples`).
+SUBSET_FROM = 128
 SAFE_RANGE = {torch.float32: 1e25, torch.float64: 1e250}
+
+
+def probed_samples(batch: int, hidden: int) -> slice:
+    """The samples of a batch whose probes are walked: all of them where the walk is
+    bound by its number of operations (small states: the probes ride along the replay's
+    own walk at no extra operation), else `MIN_PROBES` samples evenly spread over the batch
+    (a separate walk: at ``hidden >= SUBSET_FROM`` its matrix products are what costs, and
+    probes on every sample would double those of the replay's walk).
+
+    ``from_walk`` finds the same samples from the walked logs' width alone."""
+    if hidden < SUBSET_FROM or batch <= MIN_PROBES:
+        return slice(None)
+    return sample_slice(batch, MIN_PROBES)
+
+
+def sample_slice(batch: int, count: int) -> slice:
+    """``count`` samples evenly spread over ``batch`` (a view: a strided slice)."""
+    if count >= batch:
+        return slice(None)
+    stride = batch // count
+    return slice(0, (count - 1) * stride + 1, stride)
 
 
 def probe_rounds(batch: int) -> int:

@@ -20,6 +20,7 @@ or the random number generator.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,6 +118,8 @@ class Recurrence:
 
     gates: int = 1
     has_cell: bool = False
+    #: the recorded per-sample tensors `step_back` reads (time first, then the batch)
+    per_sample: tuple[str, ...] = ()
 
     def __init__(self, weights: LayerWeights, reverse: bool) -> None:
         self.w = weights
@@ -148,6 +151,20 @@ class Recurrence:
         if w.dtype == torch.float32 and w.device.type == "cpu" and w.numel() >= PACKED_ABOVE:
             return lambda d_a, out: out.copy_(self._to_state(d_a))
         return lambda d_a, out: torch.mm(d_a, w, out=out)
+
+    def samples(self, select: slice) -> Recurrence | None:
+        """The same recurrence over the samples ``select`` of the batch only (views, no
+        copies), for walking probes on a few samples; ``None`` where it cannot."""
+        if not self.per_sample or getattr(self, "_spent", False):
+            return None
+        view = copy.copy(self)
+        for name in self.per_sample:
+            v = getattr(self, name, None)
+            if isinstance(v, Tensor):
+                setattr(view, name, v[:, select])
+            elif isinstance(v, list):  # per-step tensors [B, ...]
+                setattr(view, name, [x[select] for x in v])
+        return view
 
     def order(self, steps: int) -> range:
         """Time indices in the order the forward pass visits them."""
@@ -357,6 +374,8 @@ def _data_slice(res: BackwardResult) -> BackwardResult:
 class SimpleRecurrence(Recurrence):
     """``nn.RNN``: h' = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu."""
 
+    per_sample = ("_h",)
+
     def __init__(self, weights: LayerWeights, reverse: bool, nonlinearity: str) -> None:
         super().__init__(weights, reverse)
         self.relu = nonlinearity == "relu"
@@ -397,6 +416,7 @@ class GRURecurrence(Recurrence):
     """``nn.GRU``: h' = (1 - z) * n + z * h."""
 
     gates = 3
+    per_sample = ("_acts", "_hn", "_h_prev")
 
     def forward(self, x, h0, c0, valid, known_out=None):
         xp = self.project_inputs(x, fold_hh_bias=False)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from gradwatch._capture.layered import LazyRecurrence, recomputes
-from gradwatch._capture.probes import last_steps, unit_probes
+from gradwatch._capture.probes import last_steps, probed_samples, unit_probes
 from gradwatch._capture.probes import walk as walk_probes
 from gradwatch._capture.raw import Walkable
 from gradwatch._capture.recurrences import LayerWeights, Recurrence, make_recurrence
@@ -299,14 +299,22 @@ class _Walk:
         assert isinstance(rec, Recurrence)
         valid, valid2 = self.setup.valid, self.valid2
         # probes ride along the backward walk, except for large calls (they would double
-        # its buffers): those are walked step by step just after, while the layer is held
-        fused = self.probes and not self.recompute and bool(self.lengths.numel())
+        # its buffers) and large states (they would double its matrix products): those are
+        # walked step by step just before, on a few samples where the recurrence allows it
+        batch = self.lengths.numel()
+        select = probed_samples(batch, rec.hidden_size)
+        few = rec.samples(select) if select != slice(None) else None
+        fused = self.probes and not self.recompute and few is None and bool(batch)
         unit, logs = None, None
-        if self.probes and self.lengths.numel():
+        if self.probes and batch:
             x = self.setup.lay.x
-            unit = unit_probes(self.lengths.numel(), rec.state_sizes, x.device, x.dtype)
-            if not fused:  # step by step, before the backward walk may spend the trajectory
-                logs = self._walk_probes(rec, unit)
+            if few is not None:
+                unit = unit_probes(len(range(batch)[select]), rec.state_sizes, x.device, x.dtype)
+                logs = self._walk_probes(few, unit, select)
+            else:
+                unit = unit_probes(batch, rec.state_sizes, x.device, x.dtype)
+                if not fused:  # step by step, before the backward walk may spend the trajectory
+                    logs = self._walk_probes(rec, unit)
         res = rec.backward(
             direct, dh_n, dc_n, self.last[d], valid, input_grad, unit if fused else None
         )
@@ -332,9 +340,11 @@ class _Walk:
             self.recs[layer, d] = LazyRecurrence(rec, partial(self._rebuild, layer, d))
         return grad_input
 
-    def _walk_probes(self, rec: Recurrence, unit: list[Tensor]) -> Tensor:
-        last = last_steps(rec.reverse, self.lengths.to(rec.weight.device), rec.steps)
-        return walk_probes(rec, self.valid2, last, unit)
+    def _walk_probes(self, rec: Recurrence, unit: list[Tensor], select=slice(None)) -> Tensor:
+        lengths = self.lengths[select]
+        last = last_steps(rec.reverse, lengths.to(rec.weight.device), rec.steps)
+        valid2 = None if self.valid2 is None else self.valid2[:, select]
+        return walk_probes(rec, valid2, last, unit)
 
     def _rebuild(self, layer: int, d: int) -> Recurrence:
         call = self.setup.call

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradwatch._capture.probes import MIN_PROBES, PROBE_SEED, last_steps, unit_probes, walk
+from gradwatch._capture.probes import (
+    MIN_PROBES,
+    PROBE_SEED,
+    last_steps,
+    sample_slice,
+    unit_probes,
+    walk,
+)
 from gradwatch._capture.raw import Walkable
 
 __all__ = ["Propagation", "actual_gain", "from_walk", "propagate", "summarise"]
@@ -69,6 +76,8 @@ def from_walk(logs: Tensor, reverse: bool, lengths: Tensor) -> Propagation:
     """Propagation from walked probes: ``logs`` ``[R, T, B]``, the log norm at every state
     (`gradwatch._capture.probes`), ``lengths`` the ``[B]`` sequence lengths."""
     steps, batch = logs.shape[1], logs.shape[2]
+    if batch != lengths.numel():  # probes walked on a few samples (`probed_samples`)
+        lengths = lengths[sample_slice(lengths.numel(), batch)]
     lengths = lengths.to(logs.device)
     time = torch.arange(steps, device=logs.device).unsqueeze(1)
     # the index of the state k steps back from each sequence's end, in processing order
