@@ -79,6 +79,23 @@ def test_a_walk_beyond_the_safe_range_of_a_block_is_redone_step_by_step(monkeypa
     assert m.gain[0, 0].item() == pytest.approx(rho, rel=1e-5)
 
 
+def test_probes_on_a_few_samples_beyond_the_safe_range_are_redone_step_by_step(monkeypatch):
+    rho = 100.0
+    rnn = _linear_relu_rnn(rho).float()
+    monkeypatch.setattr(probes, "SUBSET_FROM", 1)  # this state counts as large
+    walked = []
+    original = replay_module.walk_probes
+
+    def counting(rec, valid, last, unit):
+        walked.append((rec.steps, last.shape[1], unit[0].shape[1]))
+        return original(rec, valid, last, unit)
+
+    monkeypatch.setattr(replay_module, "walk_probes", counting)
+    m = _trace_last_step_loss(rnn, torch.rand(18, 12, 3))["RNN"]
+    assert walked == [(18, 8, 8)]  # 8 of the 12 samples, redone step by step
+    assert m.gain[0, 0].item() == pytest.approx(rho, rel=1e-5)
+
+
 def test_a_walk_within_range_is_not_redone(monkeypatch):
     rnn = _linear_relu_rnn(0.9).float()
     monkeypatch.setattr(replay_module, "walk_probes", lambda *a: pytest.fail("walked again"))

@@ -310,7 +310,7 @@ class _Walk:
             x = self.setup.lay.x
             if few is not None:
                 unit = unit_probes(len(range(batch)[select]), rec.state_sizes, x.device, x.dtype)
-                logs = self._walk_probes(few, unit, select)
+                logs = self._few_probes(few, unit, select, d)
             else:
                 unit = unit_probes(batch, rec.state_sizes, x.device, x.dtype)
                 if not fused:  # step by step, before the backward walk may spend the trajectory
@@ -339,6 +339,27 @@ class _Walk:
         if self.recompute or getattr(rec, "_spent", False):
             self.recs[layer, d] = LazyRecurrence(rec, partial(self._rebuild, layer, d))
         return grad_input
+
+    def _few_probes(self, few: Recurrence, unit: list[Tensor], select: slice, d: int) -> Tensor:
+        """The probes of a few samples (``few``: the recurrence's views of them), walked
+        the way the capture walks them, as extra rows beside a zero data gradient (a few
+        operations per step, renormalised every `BLOCK` steps); step by step where a
+        block's range is not safe."""
+        valid = self.setup.valid
+        x = self.setup.lay.x
+        zero = x.new_zeros(few.steps, len(unit[0][0]), self.setup.out_size)
+        res = few.backward(
+            zero,
+            None,
+            None,
+            self.last[d][:, select],
+            None if valid is None else valid[:, select],
+            False,
+            unit,
+        )
+        if res.probe_logs is None or res.probe_ok is None or not bool(res.probe_ok):
+            return self._walk_probes(few, unit, select)
+        return res.probe_logs
 
     def _walk_probes(self, rec: Recurrence, unit: list[Tensor], select=slice(None)) -> Tensor:
         lengths = self.lengths[select]
