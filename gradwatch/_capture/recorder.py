@@ -559,9 +559,7 @@ class Recorder:
         recorded, failed or reached the injected-gradient hooks."""
         if self._window_used() or not self.injected.empty() or self.window_skipped:
             return False
-        self._backward_seen = self._only_untrained = self._boundary = False
-        self._forward_index += 1
-        self._microbatch += 1
+        self._next_window()
         return True
 
     def release(self) -> None:
@@ -571,10 +569,16 @@ class Recorder:
             for record, _ in self._records:
                 record.release()
             self._reset_window()
-        else:  # a cheap step: nothing was recorded, only the flags to reset
-            self._backward_seen = self._only_untrained = self._boundary = False
+            self._forward_index += 1
+            self._microbatch += 1
+        else:
             if self.window_skipped:
                 self.window_skipped = {}
+            self._next_window()
+
+    def _next_window(self) -> None:
+        """End a window in which nothing was recorded (a cheap step): only flags to reset."""
+        self._backward_seen = self._only_untrained = self._boundary = False
         self._forward_index += 1
         self._microbatch += 1
 

@@ -309,7 +309,8 @@ class _Walk:
         if self.probes and batch:
             x = self.setup.lay.x
             if few is not None:
-                unit = unit_probes(len(range(batch)[select]), rec.state_sizes, x.device, x.dtype)
+                count = len(range(batch)[select])
+                unit = unit_probes(count, rec.state_sizes, x.device, x.dtype)
                 logs = self._few_probes(few, unit, select, d)
             else:
                 unit = unit_probes(batch, rec.state_sizes, x.device, x.dtype)

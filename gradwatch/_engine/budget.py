@@ -182,10 +182,14 @@ class BudgetScheduler:
         self.stride = self._stride()
 
     def _capture_cost(self, cost: float) -> None:
+        self._capture = self._estimate_with(cost)
+
+    def _estimate_with(self, cost: float) -> float:
+        """The capture estimate after one more capture costing ``cost``."""
         if self._capture is None and self._step is not None:
             # the first capture's one-time work is no estimate of the next ones
             cost = min(cost, self.prior_capture * self._step)
-        self._capture = _average(self._capture, cost, _COST_ALPHA)
+        return _average(self._capture, cost, _COST_ALPHA)
 
     def overhead(self) -> Overhead:
         fraction = self.spent / self.training if self.training > 0 else 0.0
@@ -212,13 +216,10 @@ class BudgetScheduler:
     def _expected_capture(self) -> float:
         """The expected own time of a capture (``_step`` is known)."""
         assert self._step is not None
-        prior = self.prior_capture * self._step
         estimate = self._capture
-        last = self._pending_capture
-        if last is not None:  # the last step was a capture, its aftermath not yet known
-            first = estimate is None
-            estimate = _average(estimate, min(last, prior) if first else last, _COST_ALPHA)
-        return prior if estimate is None else estimate
+        if self._pending_capture is not None:  # the last step was one, aftermath unknown yet
+            estimate = self._estimate_with(self._pending_capture)
+        return self.prior_capture * self._step if estimate is None else estimate
 
     def force_allowed(self, reason: str, *, first_nonfinite: bool = False) -> bool:
         """Whether a capture forced by ``reason`` (``"spike"``, ``"nonfinite"``) happens

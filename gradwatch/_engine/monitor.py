@@ -324,7 +324,7 @@ class MonitorCore:
             return
         sync = meter.distributed and self.is_logging_step(step)  # the same steps on all ranks
         meter.end_step(hooks, captured=captured, signals=signals, sync=sync)
-        if meter.steps >= _BUDGET_CHECK and meter.unreachable():
+        if meter.steps >= _BUDGET_CHECK and "<budget>" not in self._warned and meter.unreachable():
             self._warn_budget()
         start = meter.start
         self.plan_step(step + 1, self._next_forced)
